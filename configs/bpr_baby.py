@@ -1,0 +1,16 @@
+"""BPR-MF on Amazon Baby (MMRec `baby/` folder, or the LATTICE split in ../shared/data).
+
+  python run.py --config=configs/bpr_baby.py \
+      --config.data.path=../shared/data/amazon-baby-5core --workdir=runs/bpr_baby
+
+Paper (Table 2): test Recall@20 0.0595. Measured here: see README "Results".
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.model = "bpr"
+  config.data.path = "data/baby"
+  return config

@@ -1,0 +1,1 @@
+"""Data loading, conversion, preparation and feature extraction for fettle-jax."""

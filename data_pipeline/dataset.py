@@ -1,0 +1,135 @@
+"""The in-memory data set every model trains on, and the format-detecting loader.
+
+Two on-disk formats are read (see README): MMRec's (`<name>.inter` + `<modality>_feat.npy`)
+and LATTICE's JSON split (`train.json`, `val.json`, `test.json`). Every check raises
+`DataError` with a one-line message that names the file and the problem.
+"""
+
+import dataclasses
+import glob
+import os
+from typing import Dict, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Interactions as int32 [n, 2] (user, item) arrays per split, plus item content features."""
+  name: str
+  path: str
+  n_users: int
+  n_items: int
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+  features: Dict[str, np.ndarray]  # modality -> float32 [n_items, d], sorted by name
+
+  def summary(self) -> str:
+    feats = ", ".join(f"{k} {v.shape[1]}-d" for k, v in self.features.items()) or "none"
+    return (f"{self.name}: {self.n_users} users, {self.n_items} items, "
+            f"{len(self.train)}/{len(self.valid)}/{len(self.test)} train/valid/test interactions, "
+            f"features: {feats}")
+
+
+def detect_format(path: str) -> str:
+  """'lattice' if the folder has train.json, 'mmrec' if it has a `.inter` file."""
+  if not os.path.isdir(path):
+    raise DataError(f"{path}: data folder does not exist")
+  if os.path.exists(os.path.join(path, "train.json")):
+    return "lattice"
+  if glob.glob(os.path.join(path, "*.inter")):
+    return "mmrec"
+  raise DataError(f"{path}: no `<name>.inter` (MMRec format) or `train.json` (LATTICE format) found")
+
+
+def load_dataset(path: str, name: Optional[str] = None,
+                 modalities: Optional[Sequence[str]] = None) -> Dataset:
+  """Loads and validates a data set folder in either supported format.
+
+  modalities: content modalities to keep (e.g. ['image', 'text']); None keeps all found.
+  Every feature file found is validated, whatever is kept.
+  """
+  # Imported here: both readers import this module for `Dataset`.
+  from data_pipeline import lattice, mmrec  # pylint: disable=g-import-not-at-top
+  fmt = detect_format(path)
+  if fmt == "lattice":
+    name, n_users, n_items, splits = lattice.read_splits(path, name)
+  else:
+    name, n_users, n_items, splits = mmrec.read_inter(path, name)
+  features = load_features(path, n_items)
+  if modalities is not None:
+    missing = sorted(set(modalities) - set(features))
+    if missing:
+      raise DataError(f"{path}: modality {missing[0]!r} requested but "
+                      f"{missing[0]}_feat.npy is missing (found: {sorted(features) or 'none'})")
+    features = {k: features[k] for k in sorted(modalities)}
+  return finalize(name, path, n_users, n_items, splits, features)
+
+
+def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
+  """Reads and checks every `<modality>_feat.npy` in the folder."""
+  features = {}
+  for file in sorted(glob.glob(os.path.join(path, "*_feat.npy"))):
+    modality = os.path.basename(file)[:-len("_feat.npy")]
+    try:
+      matrix = np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as e:
+      raise DataError(f"{file}: cannot read as a .npy array ({e})") from None
+    if matrix.ndim != 2:
+      raise DataError(f"{file}: expected a 2-D [n_items, d] matrix, got shape {matrix.shape}")
+    if matrix.shape[0] != n_items:
+      raise DataError(f"{file}: has {matrix.shape[0]} rows but the interactions have "
+                      f"{n_items} items (row k must be item k)")
+    if not np.issubdtype(matrix.dtype, np.number):
+      raise DataError(f"{file}: dtype {matrix.dtype} is not numeric")
+    matrix = matrix.astype(np.float32)
+    bad = ~np.isfinite(matrix)
+    if bad.any():
+      rows = np.unique(np.nonzero(bad)[0])
+      raise DataError(f"{file}: {bad.sum()} NaN/inf values in {len(rows)} rows (first: item {rows[0]})")
+    features[modality] = matrix
+  return features
+
+
+def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str, np.ndarray],
+             features: Dict[str, np.ndarray]) -> Dataset:
+  """Shared rules of both formats: dedupe, drop cold valid/test users, reject empty splits."""
+  seen = set()
+  cleaned = {}
+  for split in ("train", "valid", "test"):
+    pairs = splits[split]
+    keys = pairs[:, 0].astype(np.int64) * n_items + pairs[:, 1]
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(len(pairs), bool)
+    keep[first] = True
+    keep &= ~np.isin(keys, np.fromiter(seen, np.int64, len(seen)))
+    n_dup = len(pairs) - keep.sum()
+    if n_dup:
+      logging.warning("%s: dropped %d duplicate %s interactions", path, n_dup, split)
+    pairs = pairs[keep]
+    seen.update(keys[keep].tolist())
+    cleaned[split] = pairs
+  train_users = np.zeros(n_users, bool)
+  train_users[cleaned["train"][:, 0]] = True
+  for split in ("valid", "test"):
+    warm = train_users[cleaned[split][:, 0]]
+    if (~warm).any():
+      # As MMRec: users never seen in training cannot be ranked meaningfully.
+      logging.warning("%s: dropped %d %s interactions of users absent from train",
+                      path, (~warm).sum(), split)
+    cleaned[split] = cleaned[split][warm]
+  for split, pairs in cleaned.items():
+    if len(pairs) == 0:
+      raise DataError(f"{path}: the {split} split has no interactions")
+  return Dataset(name=name, path=path, n_users=n_users, n_items=n_items,
+                 train=cleaned["train"].astype(np.int32), valid=cleaned["valid"].astype(np.int32),
+                 test=cleaned["test"].astype(np.int32), features=features)
+
+
+def check_ids(file: str, column: str, values: np.ndarray) -> None:
+  if len(values) and values.min() < 0:
+    raise DataError(f"{file}: column {column} has a negative id ({values.min()})")

@@ -1,0 +1,70 @@
+"""LATTICE's JSON split format (`train.json`, `val.json`, `test.json`: {"user": [items]}).
+
+`python -m data_pipeline.convert` turns it into MMRec's format.
+"""
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import numpy as np
+
+from data_pipeline.dataset import check_ids
+from data_pipeline.errors import DataError
+from data_pipeline import mmrec_writer
+
+SPLIT_FILES = {"train": "train.json", "valid": "val.json", "test": "test.json"}
+
+
+def read_split_file(file: str) -> np.ndarray:
+  if not os.path.exists(file):
+    raise DataError(f"{file}: split file not found")
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  if not isinstance(data, dict):
+    raise DataError(f"{file}: expected an object {{\"user\": [items]}}")
+  users, items = [], []
+  for user, user_items in data.items():
+    try:
+      u = int(user)
+    except ValueError:
+      raise DataError(f"{file}: user id {user!r} is not an integer") from None
+    if not isinstance(user_items, list):
+      raise DataError(f"{file}: items of user {user} are not a list")
+    for item in user_items:
+      if isinstance(item, bool) or not isinstance(item, int):
+        raise DataError(f"{file}: user {user} has a non-integer item id {item!r}")
+      users.append(u)
+      items.append(item)
+  pairs = np.array([users, items], np.int64).T.reshape(-1, 2)
+  check_ids(file, "user", pairs[:, 0])
+  check_ids(file, "item", pairs[:, 1])
+  return pairs
+
+
+def read_splits(path: str, name: Optional[str] = None):
+  """Returns (name, n_users, n_items, {split: int [n, 2] (user, item)})."""
+  splits = {s: read_split_file(os.path.join(path, f)) for s, f in SPLIT_FILES.items()}
+  everything = np.concatenate(list(splits.values()))
+  if len(everything) == 0:
+    raise DataError(f"{path}: the split files hold no interactions")
+  name = name or os.path.basename(os.path.normpath(path))
+  return name, int(everything[:, 0].max()) + 1, int(everything[:, 1].max()) + 1, splits
+
+
+def convert_to_mmrec(src: str, out: str, name: str) -> str:
+  """Writes the LATTICE split at `src` as `<out>/<name>.inter`, copying feature files along."""
+  _, _, _, splits = read_splits(src, name)
+  labels = {"train": 0, "valid": 1, "test": 2}
+  pairs = np.concatenate([splits[s] for s in labels])
+  split_labels = np.concatenate([np.full(len(splits[s]), l) for s, l in labels.items()])
+  mmrec_writer.write_mmrec(out, name, pairs[:, 0], pairs[:, 1], split_labels)
+  for file in sorted(os.listdir(src)):
+    if file.endswith("_feat.npy"):
+      shutil.copyfile(os.path.join(src, file), os.path.join(out, file))
+  return out
+

@@ -1,0 +1,43 @@
+"""LightGCN (He et al., SIGIR'20): linear propagation on the normalized user-item graph.
+
+e^(k+1) = D^-1/2 A D^-1/2 e^(k); final representation = mean of e^(0..K) (their Eq. 3-4).
+The L2 penalty applies to the batch's ego (layer-0) embeddings, as in the paper.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from fettle_jax import blocks
+from fettle_jax.types import Batch, DataInfo, Representations
+
+
+def build_graph(train_pairs, n_users, n_items, features, config):
+  del features, config
+  return {"user_item": blocks.user_item_graph(train_pairs[:, 0], train_pairs[:, 1],
+                                              n_users, n_items)}
+
+
+def init(rng, data_info: DataInfo, config):
+  user_rng, item_rng = jax.random.split(rng)
+  size = config.embedding_size
+  return {"user_embedding": blocks.xavier_uniform(user_rng, (data_info.n_users, size)),
+          "item_embedding": blocks.xavier_uniform(item_rng, (data_info.n_items, size))}
+
+
+def represent(params, graph, config) -> Representations:
+  users, items = params["user_embedding"], params["item_embedding"]
+  n_users = users.shape[0]
+  ego = jnp.concatenate([users, items], axis=0)
+  final = blocks.mean_of_layers(graph["user_item"], ego, config.lightgcn.n_layers)
+  return Representations(final[:n_users], final[n_users:], {})
+
+
+def apply(params, graph, batch: Batch, rng, config):
+  del rng
+  reps = represent(params, graph, config)
+  loss = blocks.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
+                         reps.items[batch.neg_items])
+  reg = blocks.embedding_l2(params["user_embedding"][batch.users],
+                            params["item_embedding"][batch.pos_items],
+                            params["item_embedding"][batch.neg_items])
+  return reps, loss + config.lightgcn.reg_weight * reg

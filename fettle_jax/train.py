@@ -1,0 +1,206 @@
+"""The training loop: model-agnostic, one compiled program per epoch, resumable.
+
+`train_and_evaluate(config, workdir)` loads the data, builds the backbone and the alignment
+plug-in named by the config, trains with early stopping on validation Recall@20, and writes
+`<workdir>/metrics.json` with the test metrics of the best *validation* epoch.
+"""
+
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Any, Dict, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from data_pipeline import dataset as dataset_lib
+from fettle_jax import alignment as alignment_lib
+from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import evaluation
+from fettle_jax import sampling
+from fettle_jax.backbones import get_backbone
+from fettle_jax.types import Batch, DataInfo
+
+
+class TrainState(NamedTuple):
+  params: Any      # {"backbone": ..., "alignment": ...}
+  opt_state: Any
+
+
+class TrainData(NamedTuple):
+  """Everything an epoch reads, passed as arguments (not closed over: no baked constants)."""
+  train_pairs: jax.Array  # int32 [n_train, 2]
+  train_bitmask: jax.Array
+  graph: Any              # the backbone's pytree from build_graph
+  features: Dict[str, jax.Array]
+
+
+def load_data(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
+  path = config.data.path
+  if config.data.prepare:
+    from data_pipeline import prepare  # pylint: disable=g-import-not-at-top
+    path = prepare.prepare(config.data.prepare, root=config.data.root or None)
+  modalities = list(config.data.modalities) if config.data.modalities is not None else None
+  return dataset_lib.load_dataset(path, name=config.data.name or None, modalities=modalities)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  return optax.adam(config.learning_rate)
+
+
+def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
+  """Returns epoch(state, rng, data) -> (state, mean losses): a lax.scan over the batches."""
+
+  def loss_fn(params, data: TrainData, batch: Batch, rng):
+    backbone_rng, alignment_rng = jax.random.split(rng)
+    reps, backbone_loss = backbone.apply(params["backbone"], data.graph, batch, backbone_rng,
+                                         config)
+    alignment_loss, _ = alignment.loss(params["alignment"], reps, data.features, batch,
+                                       alignment_rng, config)
+    return backbone_loss + alignment_loss, jnp.stack([backbone_loss, alignment_loss])
+
+  def step(carry, xs):
+    state, data, rng = carry
+    batch, index = xs
+    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, data, batch,
+                                                    jax.random.fold_in(rng, index))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return (TrainState(params, opt_state), data, rng), losses
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  @chex.assert_max_traces(n=1)
+  def epoch(state: TrainState, rng, data: TrainData):
+    batch_rng, step_rng = jax.random.split(rng)
+    batches = sampling.epoch_batches(batch_rng, data.train_pairs, data.train_bitmask, n_items,
+                                     config.batch_size)
+    n_batch = batches.users.shape[0]
+    (state, _, _), losses = jax.lax.scan(step, (state, data, step_rng),
+                                         (batches, jnp.arange(n_batch)))
+    return state, jnp.mean(losses, axis=0)
+
+  return epoch
+
+
+def make_evaluate(backbone, config):
+  ks = tuple(config.topk)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def evaluate(params, graph, eval_data: evaluation.EvalData):
+    reps = backbone.represent(params["backbone"], graph, config)
+    return evaluation.evaluate_embeddings(reps.users, reps.items, eval_data, ks)
+
+  return evaluate
+
+
+def split_metrics(metrics: Dict[str, jax.Array], index: int) -> Dict[str, float]:
+  return {name: float(values[index]) for name, values in sorted(metrics.items())}
+
+
+def initial_loop_state() -> dict:
+  return {"epoch": 0, "best_epoch": 0, "best_value": -1.0, "bad_epochs": 0,
+          "best_valid": {}, "best_test": {}, "history": [],
+          "train_seconds": [], "eval_seconds": []}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains to early stop (or max_epochs) and returns/writes the metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  data = load_data(config)
+  print(data.summary(), flush=True)
+  backbone = get_backbone(config.model)
+  alignment = alignment_lib.get_alignment(config.alignment)
+  info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
+
+  bitmask = sampling.interaction_bitmask(data.train, data.n_users, data.n_items)
+  graph = backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config)
+  train_data = TrainData(jnp.asarray(data.train), jnp.asarray(bitmask), graph,
+                         {k: jnp.asarray(v) for k, v in data.features.items()})
+  eval_data = evaluation.build_eval_data([data.valid, data.test], bitmask, data.n_users,
+                                         data.n_items, config.eval_batch_size)
+
+  rng = jax.random.PRNGKey(config.seed)
+  backbone_rng, alignment_rng, train_rng = jax.random.split(rng, 3)
+  params = {"backbone": backbone.init(backbone_rng, info, config),
+            "alignment": alignment.init(alignment_rng, info, config)}
+  optimizer = make_optimizer(config)
+  state = TrainState(params, optimizer.init(params))
+  epoch_fn = make_train_epoch(backbone, alignment, config, optimizer, data.n_items)
+  evaluate = make_evaluate(backbone, config)
+
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  loop = initial_loop_state()
+  if checkpoints.latest_epoch() is not None:
+    state, loop = checkpoints.restore_latest(state)
+    print(f"resumed from {workdir} at epoch {loop['epoch']}", flush=True)
+
+  selection = config.selection_metric
+  try:
+    while loop["epoch"] < config.max_epochs and loop["bad_epochs"] < config.patience:
+      epoch = loop["epoch"] + 1
+      start = time.perf_counter()
+      # fold_in(epoch): a resumed run draws exactly the batches an uninterrupted one would.
+      state, losses = epoch_fn(state, jax.random.fold_in(train_rng, epoch), train_data)
+      losses = np.asarray(losses)
+      train_seconds = time.perf_counter() - start
+      if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"epoch {epoch}: loss is {losses.tolist()}; lower the "
+                                 "learning rate or the alignment weights")
+      start = time.perf_counter()
+      metrics = evaluate(state.params, graph, eval_data)
+      valid, test = split_metrics(metrics, 0), split_metrics(metrics, 1)
+      eval_seconds = time.perf_counter() - start
+      improved = valid[selection] > loop["best_value"]
+      if improved:  # model selection looks at validation only
+        loop.update(best_epoch=epoch, best_value=valid[selection], bad_epochs=0,
+                    best_valid=valid, best_test=test)
+        checkpoints.save_best(epoch, state.params)
+      else:
+        loop["bad_epochs"] += 1
+      loop["epoch"] = epoch
+      loop["history"].append({"epoch": epoch, "loss": float(losses[0] + losses[1]),
+                              "backbone_loss": float(losses[0]),
+                              "alignment_loss": float(losses[1]),
+                              f"valid_{selection}": valid[selection]})
+      loop["train_seconds"].append(train_seconds)
+      loop["eval_seconds"].append(eval_seconds)
+      print(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
+            f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
+            f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s",
+            flush=True)
+      if epoch % config.checkpoint_every_epochs == 0:
+        checkpoints.save_latest(epoch, state, loop)
+    if loop["epoch"] % config.checkpoint_every_epochs:
+      checkpoints.save_latest(loop["epoch"], state, loop)
+  finally:
+    checkpoints.close()
+
+  result = {
+      "best_epoch": loop["best_epoch"],
+      "epochs": loop["epoch"],
+      "selection_metric": f"valid {selection}",
+      "valid": loop["best_valid"],
+      "test": loop["best_test"],
+      "train_epoch_seconds": statistics.median(loop["train_seconds"][1:] or loop["train_seconds"]),
+      "eval_seconds": statistics.median(loop["eval_seconds"][1:] or loop["eval_seconds"]),
+      "data": {"name": data.name, "path": data.path, "n_users": data.n_users,
+               "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
+               "n_test": len(data.test), "modalities": sorted(data.features)},
+      "devices": [str(d) for d in jax.devices()],
+      "history": loop["history"],
+      "config": config.to_dict(),
+  }
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2, default=str)
+  test = loop["best_test"]
+  print(f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
+        + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
+                   for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")), flush=True)
+  return result

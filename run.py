@@ -1,0 +1,44 @@
+"""Trains and evaluates one experiment described by a config file.
+
+  python run.py --config=configs/lightgcn_baby.py [--config.key=value ...] [--workdir=DIR]
+
+Writes `<workdir>/metrics.json` and Orbax checkpoints; rerunning with the same workdir
+resumes where a killed run stopped.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+# Make `configs` importable when run from elsewhere (configs import each other).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from data_pipeline.errors import DataError  # pylint: disable=g-import-not-at-top
+from fettle_jax import train  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, checkpoints. "
+                               "Default: runs/<config file name>.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # our progress lines, not Orbax's internals
+  config = _CONFIG.value
+  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
+      flags.FLAGS["config"])))[0]
+  workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (DataError, FloatingPointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
