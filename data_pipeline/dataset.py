@@ -125,6 +125,10 @@ def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str,
   for split, pairs in cleaned.items():
     if len(pairs) == 0:
       raise DataError(f"{path}: the {split} split has no interactions")
+  degree = np.bincount(cleaned["train"][:, 0], minlength=n_users)
+  if degree.max() >= n_items:
+    raise DataError(f"{path}: user {int(degree.argmax())} interacted with all {n_items} items "
+                    "in train, so no negative item can be sampled")
   return Dataset(name=name, path=path, n_users=n_users, n_items=n_items,
                  train=cleaned["train"].astype(np.int32), valid=cleaned["valid"].astype(np.int32),
                  test=cleaned["test"].astype(np.int32), features=features)

@@ -29,10 +29,10 @@ def parse_int_column(file: str, column: str, raw: np.ndarray) -> np.ndarray:
   try:
     values = raw.astype(np.float64)
   except ValueError:
-    bad = next(v for v in raw if not _is_number(v))
+    bad = str(next(v for v in raw if not _is_number(v)))
     raise DataError(f"{file}: column {column} has a non-integer value {bad!r}") from None
   if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-    bad = values[~np.isfinite(values) | (values != np.round(values))][0]
+    bad = float(values[~np.isfinite(values) | (values != np.round(values))][0])
     raise DataError(f"{file}: column {column} has a non-integer value {bad!r}")
   values = values.astype(np.int64)
   check_ids(file, column, values)

@@ -84,6 +84,7 @@ def evaluate_embeddings(user_emb: Array, item_emb: Array, data: EvalData,
                         ks: Sequence[int]) -> Dict[str, Array]:
   """Mean metrics per split: {name: float32 [n_splits]}. Jit with `ks` static."""
   max_k = max(ks)
+  user_emb, item_emb = jnp.asarray(user_emb), jnp.asarray(item_emb)
 
   def batch_sums(args):
     users, valid = args

@@ -36,7 +36,7 @@ class TrainState(NamedTuple):
 class TrainData(NamedTuple):
   """Everything an epoch reads, passed as arguments (not closed over: no baked constants)."""
   train_pairs: jax.Array  # int32 [n_train, 2]
-  train_bitmask: jax.Array
+  seen: sampling.SeenItems  # train items per user, for negative sampling
   graph: Any              # the backbone's pytree from build_graph
   features: Dict[str, jax.Array]
 
@@ -78,7 +78,7 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
   @chex.assert_max_traces(n=1)
   def epoch(state: TrainState, rng, data: TrainData):
     batch_rng, step_rng = jax.random.split(rng)
-    batches = sampling.epoch_batches(batch_rng, data.train_pairs, data.train_bitmask, n_items,
+    batches = sampling.epoch_batches(batch_rng, data.train_pairs, data.seen, n_items,
                                      config.batch_size)
     n_batch = batches.users.shape[0]
     (state, _, _), losses = jax.lax.scan(step, (state, data, step_rng),
@@ -113,6 +113,9 @@ def initial_loop_state() -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to early stop (or max_epochs) and returns/writes the metrics."""
   os.makedirs(workdir, exist_ok=True)
+  # The step functions below are new objects per run; chex counts traces per code location,
+  # so reset its counter: within this run each may then trace (compile) exactly once.
+  chex.clear_trace_counter()
   data = load_data(config)
   print(data.summary(), flush=True)
   backbone = get_backbone(config.model)
@@ -121,7 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   bitmask = sampling.interaction_bitmask(data.train, data.n_users, data.n_items)
   graph = backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config)
-  train_data = TrainData(jnp.asarray(data.train), jnp.asarray(bitmask), graph,
+  train_data = TrainData(jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
+                         graph,
                          {k: jnp.asarray(v) for k, v in data.features.items()})
   eval_data = evaluation.build_eval_data([data.valid, data.test], bitmask, data.n_users,
                                          data.n_items, config.eval_batch_size)

@@ -1,0 +1,57 @@
+"""Shared test fixtures: tiny data sets written in the on-disk formats users have."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from data_pipeline import mmrec_writer  # pylint: disable=g-import-not-at-top
+
+
+def make_interactions(n_users=40, n_items=30, per_user=8, seed=0):
+  """Random (user, item, split) triples: every user has train, valid and test items."""
+  rng = np.random.default_rng(seed)
+  users, items, labels = [], [], []
+  for u in range(n_users):
+    chosen = rng.choice(n_items, size=per_user, replace=False)
+    split = np.zeros(per_user, int)
+    split[-2], split[-1] = 1, 2
+    users += [u] * per_user
+    items += chosen.tolist()
+    labels += split.tolist()
+  return np.array(users), np.array(items), np.array(labels)
+
+
+@pytest.fixture
+def tiny_mmrec(tmp_path):
+  """A tiny MMRec-format folder with image and text features; returns its path."""
+  users, items, labels = make_interactions()
+  rng = np.random.default_rng(1)
+  features = {"image": rng.normal(size=(30, 12)).astype(np.float32),
+              "text": rng.normal(size=(30, 6)).astype(np.float32)}
+  path = str(tmp_path / "tiny")
+  mmrec_writer.write_mmrec(path, "tiny", users, items, labels, features)
+  return path
+
+
+def tiny_config(path, model="lightgcn", alignment="none"):
+  """A fast config on the tiny data set."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  config = base.get_config()
+  config.model = model
+  config.alignment = alignment
+  config.data.path = path
+  config.batch_size = 64
+  config.eval_batch_size = 16
+  config.max_epochs = 4
+  config.checkpoint_every_epochs = 2
+  config.embedding_size = 8
+  config.topk = (5, 10, 20)
+  config.fettle.prototypes_item = 16
+  config.fettle.prototypes_user = 16
+  return config

@@ -1,0 +1,113 @@
+"""LightGCN propagation against a dense NumPy reference; negative sampling; the bit matrix."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fettle_jax import blocks
+from fettle_jax import sampling
+from fettle_jax.backbones import lightgcn
+from tests.conftest import tiny_config
+
+
+def dense_lightgcn(pairs, n_users, n_items, ego, n_layers):
+  """Dense (I + A + ... + A^K) e / (K + 1) with A = D^-1/2 [[0, R], [R^T, 0]] D^-1/2."""
+  r = np.zeros((n_users, n_items))
+  r[pairs[:, 0], pairs[:, 1]] = 1.0
+  adj = np.block([[np.zeros((n_users, n_users)), r], [r.T, np.zeros((n_items, n_items))]])
+  deg = adj.sum(1)
+  inv = np.where(deg > 0, 1 / np.sqrt(np.maximum(deg, 1)), 0.0)
+  norm = inv[:, None] * adj * inv[None, :]
+  total, h = ego.copy(), ego.copy()
+  for _ in range(n_layers):
+    h = norm @ h
+    total += h
+  return total / (n_layers + 1)
+
+
+def test_lightgcn_matches_dense_reference():
+  rng = np.random.default_rng(0)
+  n_users, n_items = 17, 11
+  pairs = np.unique(np.stack([rng.integers(0, n_users, 60), rng.integers(0, n_items, 60)], 1),
+                    axis=0)
+  pairs = pairs[pairs[:, 1] != 10]  # item 10 without interactions: zero degree must not NaN
+  config = tiny_config("unused")
+  config.lightgcn.n_layers = 3
+  params = lightgcn.init(jax.random.PRNGKey(0), lightgcn_info(n_users, n_items), config)
+  graph = lightgcn.build_graph(pairs, n_users, n_items, {}, config)
+  reps = lightgcn.represent(params, graph, config)
+  ego = np.concatenate([params["user_embedding"], params["item_embedding"]]).astype(np.float64)
+  expected = dense_lightgcn(pairs, n_users, n_items, ego, 3)
+  chex.assert_trees_all_close(np.asarray(reps.users), expected[:n_users], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(np.asarray(reps.items), expected[n_users:], rtol=1e-5, atol=1e-6)
+
+
+def lightgcn_info(n_users, n_items):
+  from fettle_jax.types import DataInfo  # pylint: disable=g-import-not-at-top
+  return DataInfo(n_users, n_items, {})
+
+
+def test_propagate_gradient_is_the_transpose():
+  rng = np.random.default_rng(1)
+  pairs = np.stack([rng.integers(0, 9, 30), rng.integers(0, 7, 30)], 1)
+  pairs = np.unique(pairs, axis=0)
+  graph = blocks.user_item_graph(pairs[:, 0], pairs[:, 1], 9, 7)
+  x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+  grad = jax.grad(lambda v: jnp.sum(blocks.propagate(graph, v) * probe))(x)
+  dense = np.zeros((16, 16))
+  np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)), np.asarray(graph.weights))
+  chex.assert_trees_all_close(np.asarray(grad), dense.T @ np.asarray(probe), rtol=1e-5, atol=1e-6)
+
+
+def test_bitmask_membership_and_rows():
+  rng = np.random.default_rng(2)
+  n_users, n_items = 13, 70  # not a multiple of 32
+  pairs = np.unique(np.stack([rng.integers(0, n_users, 200), rng.integers(0, n_items, 200)], 1),
+                    axis=0)
+  dense = np.zeros((n_users, n_items), bool)
+  dense[pairs[:, 0], pairs[:, 1]] = True
+  bits = jnp.asarray(sampling.interaction_bitmask(pairs, n_users, n_items))
+  users, items = np.meshgrid(np.arange(n_users), np.arange(n_items), indexing="ij")
+  np.testing.assert_array_equal(sampling.has_interaction(bits, users, items), dense)
+  np.testing.assert_array_equal(sampling.unpack_rows(bits, jnp.arange(n_users), n_items), dense)
+
+
+def test_negatives_are_never_train_items_and_epoch_covers_train():
+  rng = np.random.default_rng(3)
+  n_users, n_items = 20, 15
+  # Dense users: 12 of 15 items seen, so naive sampling would collide 80% of the time.
+  pairs = np.array([(u, i) for u in range(n_users) for i in rng.permutation(n_items)[:12]])
+  seen_items = sampling.seen_items(pairs, n_users)
+  batches = sampling.epoch_batches(jax.random.PRNGKey(0), jnp.asarray(pairs, jnp.int32),
+                                   seen_items, n_items, batch_size=64)
+  seen = {tuple(p) for p in pairs.tolist()}
+  users, negs = np.asarray(batches.users).ravel(), np.asarray(batches.neg_items).ravel()
+  collisions = sum((u, i) in seen for u, i in zip(users.tolist(), negs.tolist()))
+  assert collisions == 0
+  # Every (user, positive) pair of the epoch comes from train, and all of train is present.
+  got = set(zip(users.tolist(), np.asarray(batches.pos_items).ravel().tolist()))
+  assert got == seen
+  assert batches.users.shape == (4, 64)
+
+
+def test_negatives_are_uniform_over_unseen_items():
+  pairs = np.array([[0, 1], [0, 2], [0, 5], [0, 6], [1, 0]])
+  seen = sampling.seen_items(pairs, 2)
+  users = jnp.zeros(60000, jnp.int32)
+  draws = np.asarray(sampling.sample_negatives(jax.random.PRNGKey(0), seen, users, 8))
+  counts = np.bincount(draws, minlength=8)
+  assert counts[[1, 2, 5, 6]].sum() == 0
+  np.testing.assert_allclose(counts[[0, 3, 4, 7]] / 60000, 0.25, atol=0.01)
+  last_user = np.asarray(sampling.sample_negatives(jax.random.PRNGKey(1), seen,
+                                                   jnp.ones(1000, jnp.int32), 8))
+  assert set(last_user.tolist()) == set(range(1, 8))
+
+
+def test_epoch_batches_are_reproducible():
+  pairs = jnp.asarray([[0, 1], [1, 2], [2, 0], [0, 3]], jnp.int32)
+  seen = sampling.seen_items(np.asarray(pairs), 3)
+  a = sampling.epoch_batches(jax.random.PRNGKey(7), pairs, seen, 5, 3)
+  b = sampling.epoch_batches(jax.random.PRNGKey(7), pairs, seen, 5, 3)
+  chex.assert_trees_all_equal(a, b)
