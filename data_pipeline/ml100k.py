@@ -10,21 +10,17 @@ Outputs (see `build`): `ml100k.inter`, `text_feat.npy` (MiniLM of one sentence p
 """
 
 import csv
-import hashlib
-import io
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 
+from data_pipeline import wheels
 from data_pipeline.errors import DataError
 from data_pipeline.mmrec_writer import TEST, TRAIN, VALID, write_mmrec
 
@@ -46,35 +42,8 @@ Log = Callable[[str], None]
 
 def fetch_wheel(cache_dir: str, log: Log = print) -> str:
   """Returns the path of the RecBole wheel in `cache_dir`, downloading it with pip if absent."""
-  path = os.path.join(cache_dir, WHEEL_NAME)
-  if not os.path.exists(path):
-    os.makedirs(cache_dir, exist_ok=True)
-    log(f"downloading {WHEEL_NAME} (about 2 MB) with pip into {cache_dir}")
-    # pip writes into a private folder first, so a killed download never leaves a partial wheel
-    # under the final name.
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".pip-") as tmp:
-      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--no-input", "--progress-bar", "off", "-d", tmp, f"recbole=={RECBOLE_VERSION}"]
-      manual = f"download {WHEEL_NAME} from PyPI by hand and place it at {path}"
-      try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-      except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"could not run pip to download {WHEEL_NAME} ({e}); {manual}") from None
-      got = os.path.join(tmp, WHEEL_NAME)
-      if proc.returncode != 0 or not os.path.exists(got):
-        lines = [l.strip() for l in (proc.stderr + proc.stdout).splitlines() if l.strip()]
-        why = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise DataError(f"could not download {WHEEL_NAME} with pip (no network, or pip failed: "
-                        f"{why}); {manual}")
-      os.replace(got, path)
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  if digest.hexdigest() != WHEEL_SHA256:
-    raise DataError(f"{path}: sha256 {digest.hexdigest()} is not PyPI's {WHEEL_SHA256} for "
-                    f"{WHEEL_NAME}; delete the file and rerun")
-  return path
+  return wheels.fetch_wheel(f"recbole=={RECBOLE_VERSION}", WHEEL_NAME, WHEEL_SHA256, cache_dir,
+                            "about 2 MB", log)
 
 
 def read_wheel(wheel_path: str) -> Dict[str, str]:
@@ -237,14 +206,15 @@ def kg_features(link_text: str, kg_text: str, raw_items: Sequence[str], dim: int
                 min_df: int = KG_MIN_DF) -> Tuple[np.ndarray, dict]:
   """Item x (relation, tail entity) multi-hot -> TF-IDF -> L2 rows -> truncated SVD to `dim`.
 
-  Only triples whose head is an item's entity (`.link`) are used: the `.kg` file also holds each
-  edge reversed (e.g. film.film.genre and film.film_genre.films_in_this_genre), so adding the
-  incoming edges would count the same fact twice. Columns held by fewer than `min_df` items are
+  Only triples whose head is an item's entity (`.link`) are used: the `.kg` file also holds many
+  edges reversed (e.g. film.film.genre and film.film_genre.films_in_this_genre), so adding the
+  incoming edges would count those facts twice. Columns held by fewer than `min_df` items are
   dropped (they say nothing about item-item similarity). idf = ln((1 + n) / (1 + df)) + 1 with n
-  the number of items (smooth idf). The SVD is exact: eigendecomposition of the rows' Gram matrix
-  (items with features only), item embedding = U_k * S_k, each component's sign fixed so its
-  largest-magnitude entry is positive -- deterministic, no random start. Items with no kept column
-  get the mean embedding of the others. Returns (float32 [n_items, dim], stats).
+  the number of items (smooth idf). The SVD is exact: top-`dim` eigenpairs of the rows' Gram matrix
+  (items with features only; cheap for a few thousand items), item embedding = U_k * S_k, each
+  component's sign fixed so its largest-magnitude entry is positive -- deterministic, no random
+  start. Items with no kept column get the mean embedding of the others.
+  Returns (float32 [n_items, dim], stats).
   """
   links = read_atomic(link_text, "ml-100k.link")
   _require(links, ("item_id", "entity_id"), "ml-100k.link")
@@ -274,19 +244,21 @@ def kg_features(link_text: str, kg_text: str, raw_items: Sequence[str], dim: int
   norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
   has = np.flatnonzero(norms > 0)
   x = (sp.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ x).tocsr()
+  if not len(has):
+    raise DataError("ml-100k.kg: no item has a knowledge-graph attribute shared with another item")
   xr = x[has]
   gram = (xr @ xr.T).toarray()
-  evals, evecs = np.linalg.eigh(gram)  # ascending
   k = min(dim, len(has))
-  evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
+  # Only the top k eigenpairs: several times cheaper than the full decomposition.
+  evals, evecs = scipy.linalg.eigh(gram, subset_by_index=[len(has) - k, len(has) - 1])
+  evals, evecs = evals[::-1], evecs[:, ::-1]  # descending
   emb = evecs * np.sqrt(np.maximum(evals, 0.0))
   sign = np.sign(emb[np.argmax(np.abs(emb), axis=0), np.arange(k)])
   emb = emb * np.where(sign == 0, 1.0, sign)
   feat = np.zeros((n_items, dim), np.float64)
   feat[has, :k] = emb
   missing = np.setdiff1d(np.arange(n_items), has)
-  if len(has):
-    feat[missing] = feat[has].mean(axis=0)
+  feat[missing] = feat[has].mean(axis=0)
   total = float(np.trace(gram))  # = sum of all squared singular values
   stats = {
       "n_linked_items": int(sum(len(v) for v in entity_items.values())),
@@ -405,7 +377,9 @@ wheel `{WHEEL_NAME}` (sha256 `{WHEEL_SHA256}`).
 - `ml100k.inter`: tab-separated `userID itemID x_label` (0 train, 1 valid, 2 test).
 - `text_feat.npy`: float32 {meta['features']['text']}, row k = item k.
 - `kg_feat.npy`: float32 {meta['features']['kg']}, row k = item k.
-- `items.csv`: item_id, raw_item_id (MovieLens id), title, genres, sentence (the text encoded).
+- `items.csv`: item_id, raw_item_id (MovieLens id), title, genres, sentence (the text encoded;
+  `python -m data_pipeline.featurize_text items.csv --column sentence --out text_feat.npy`
+  encodes it again).
 - `users.csv`: user_id, raw_user_id.
 - `metadata.json`: these counts and the kg statistics.
 

@@ -18,10 +18,9 @@ from absl import app
 from absl import flags
 
 from data_pipeline import ml100k
+from data_pipeline import wheels
 from data_pipeline.errors import DataError
 
-ENV_ROOT = "FETTLE_JAX_DATA"
-DEFAULT_ROOT = os.path.join("~", ".cache", "fettle_jax")
 COMPLETE = ".complete"
 DOWNLOADS = "downloads"
 # name -> build(out_dir, cache_dir, encoder, log) -> metadata dict
@@ -30,8 +29,7 @@ BUILDERS = {ml100k.NAME: ml100k.build}
 
 def data_root(root: Optional[str] = None) -> str:
   """--root if given, else $FETTLE_JAX_DATA, else ~/.cache/fettle_jax (absolute)."""
-  root = root or os.environ.get(ENV_ROOT) or DEFAULT_ROOT
-  return os.path.abspath(os.path.expanduser(root))
+  return wheels.cache_root(root or "")
 
 
 def is_complete(folder: str) -> bool:
@@ -111,5 +109,5 @@ def main(argv):
 
 if __name__ == "__main__":
   # Defined here, not at import: a program importing prepare() may define its own --root.
-  flags.DEFINE_string("root", None, f"Data root (default: ${ENV_ROOT}, else {DEFAULT_ROOT}).")
+  flags.DEFINE_string("root", None, f"Data root (default: ${wheels.ENV_ROOT}, else {wheels.DEFAULT_ROOT}).")
   app.run(main)

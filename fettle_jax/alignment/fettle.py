@@ -47,9 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
       "prototypes_user": 20480,  # int: P of the user-item codebook C^UI (Eq. 9); paper 20480
       "sinkhorn_iterations": 3,  # int: N Sinkhorn-Knopp rounds (Eq. 7); paper 3
       "sinkhorn_epsilon": 0.05,  # float: tau, the Sinkhorn softmax temperature (Eq. 7); SwAV 0.05
-      "directions": "pairwise",  # str: 'pairwise' (paper) or 'topmost' alignment directions (Sec 3.2)
+      "directions": "pairwise",  # str: 'pairwise' (paper) or 'topmost' directions (Sec 3.2)
       "ila_negatives": "batch",  # str: ILA negatives: 'batch' unique items or 'all' items (Eq. 4)
-      "bidirectional_threshold": -1.0,  # float: theta of Sec 4.4; negative = off (paper sweeps 0..0.99)
+      "bidirectional_threshold": -1.0,  # float: theta of Sec 4.4; <0 = off (paper sweeps 0..0.99)
       "use_ila": True,  # bool: item-level alignment L_ILA (Table 3 ablation)
       "use_dt": True,  # bool: direction tuning L_DT (Table 3 ablation)
       "use_cla": True,  # bool: cluster-level alignment L_UI + L_ITV (Table 3 ablation)
@@ -144,8 +144,9 @@ def segment_mean(values: Array, segment_ids: Array, counts: Array) -> Array:
 
 
 def masked_mean(values: Array, mask: Array) -> Array:
-  mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  """Mean over masked-in entries; `where`, not a product, so inf/nan in padding cannot leak."""
+  total = jnp.sum(jnp.where(mask, values, 0.0))
+  return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 # ------------------------------------------------------------- Eq. 2, 5: feedback, directions
@@ -251,9 +252,10 @@ def item_level_alignment_loss(aligned: Array, target_keys: Array, positive_index
   for m, n in ordered_pairs(n_modalities):
     nce = info_nce_loss(aligned[:, m, n], targets[:, n], positive_index, key_mask, temperature)
     per_direction = per_direction.at[:, m, n].set(nce)
-  weights = directions.astype(aligned.dtype)
-  n_directions = jnp.sum(weights, axis=(1, 2))
-  per_item = jnp.sum(per_direction * weights, axis=(1, 2)) / jnp.maximum(n_directions, 1.0)
+  # `where`, not a product: a padding slot's positive key is masked, so its NCE is +inf.
+  n_directions = jnp.sum(directions.astype(aligned.dtype), axis=(1, 2))
+  per_item = (jnp.sum(jnp.where(directions, per_direction, 0.0), axis=(1, 2))
+              / jnp.maximum(n_directions, 1.0))
   return masked_mean(per_item, valid & (n_directions > 0))
 
 
@@ -266,9 +268,9 @@ def direction_tuning_loss(aligned: Array, mean_user_emb: Array, directions: Arra
   """
   n_modalities = aligned.shape[1]
   preference = jnp.einsum("ul,umnl->umn", mean_user_emb, aligned)
-  mask = (directions & valid[:, None, None]).astype(aligned.dtype)
+  mask = directions & valid[:, None, None]
   n_items = jnp.maximum(jnp.sum(valid.astype(aligned.dtype)), 1.0)
-  return -jnp.sum(preference * mask) / (n_modalities * (n_modalities - 1) * n_items)
+  return -jnp.sum(jnp.where(mask, preference, 0.0)) / (n_modalities * (n_modalities - 1) * n_items)
 
 
 # ---------------------------------------------------------------- Eq. 7-9: cluster alignment
@@ -312,9 +314,14 @@ def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
   return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask)
 
 
-def code_cross_entropy(codes: Array, scores: Array, temperature: float) -> Array:
-  """-q^T log SoftMax(scores / lambda_c), per sample (the brackets of Eq. 8-9)."""
-  return -jnp.sum(codes * jax.nn.log_softmax(scores / temperature, axis=-1), axis=-1)
+def cluster_log_probs(scores: Array, temperature: float) -> Array:
+  """log SoftMax(i C / lambda_c) (Eq. 8-9): the predicted assignment, which gets gradients."""
+  return jax.nn.log_softmax(scores / temperature, axis=-1)
+
+
+def code_cross_entropy(codes: Array, log_probs: Array) -> Array:
+  """-q^T log p, per sample (the brackets of Eq. 8-9)."""
+  return -jnp.sum(codes * log_probs, axis=-1)
 
 
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
@@ -332,10 +339,11 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
     return jnp.zeros((), item_emb_by_modality.dtype)
   scores = [prototype_scores(item_emb_by_modality[:, m], codebook) for m in range(n_modalities)]
   codes = [cluster_codes(s, valid, n_iterations, epsilon) for s in scores]
+  log_probs = [cluster_log_probs(s, temperature) for s in scores]
   per_item = 0.0
   for m, n in itertools.combinations(range(n_modalities), 2):
-    per_item = (per_item + code_cross_entropy(codes[n], scores[m], temperature)
-                + code_cross_entropy(codes[m], scores[n], temperature))
+    per_item = (per_item + code_cross_entropy(codes[n], log_probs[m])
+                + code_cross_entropy(codes[m], log_probs[n]))
   return masked_mean(per_item, valid)
 
 
@@ -347,8 +355,8 @@ def user_cluster_alignment_loss(user_emb_b: Array, id_item_emb_b: Array, codeboo
   item_scores = prototype_scores(id_item_emb_b, codebook)
   user_codes = cluster_codes(user_scores, None, n_iterations, epsilon)
   item_codes = cluster_codes(item_scores, None, n_iterations, epsilon)
-  return jnp.mean(code_cross_entropy(item_codes, user_scores, temperature)
-                  + code_cross_entropy(user_codes, item_scores, temperature))
+  return jnp.mean(code_cross_entropy(item_codes, cluster_log_probs(user_scores, temperature))
+                  + code_cross_entropy(user_codes, cluster_log_probs(item_scores, temperature)))
 
 
 # --------------------------------------------------------------------------- plug-in API
@@ -376,6 +384,10 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   """alpha (L_UI^CLA + L_ITV^CLA) + beta (L^ILA + L^DT): Eq. 11 without L^BPR."""
   del rng  # FETTLE is deterministic given the batch
   cfg = config.fettle
+  if cfg.directions not in ("pairwise", "topmost"):
+    raise ValueError(f"fettle.directions must be 'pairwise' or 'topmost', got {cfg.directions!r}")
+  if cfg.ila_negatives not in ("batch", "all"):
+    raise ValueError(f"fettle.ila_negatives must be 'batch' or 'all', got {cfg.ila_negatives!r}")
   names = modality_names(params["projectors"])
   n_modalities = len(names)
   pair_embs = batch_modality_embeddings(params["projectors"], reps, features, batch.pos_items,
@@ -393,12 +405,10 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
     if cfg.use_ila:
       if cfg.ila_negatives == "batch":
         keys, positive, key_mask = item_embs, jnp.arange(item_embs.shape[0]), items.valid
-      elif cfg.ila_negatives == "all":
+      else:  # 'all' (validated above)
         keys = all_item_modality_embeddings(params["projectors"], reps, features, names,
                                             cfg.use_backbone_modalities)
         positive, key_mask = items.ids, None
-      else:
-        raise ValueError(f"fettle.ila_negatives must be 'batch' or 'all', got {cfg.ila_negatives!r}")
       terms["ila"] = item_level_alignment_loss(aligned, keys, positive, key_mask, directions,
                                                items.valid, cfg.temperature_feedback)
     if cfg.use_dt:

@@ -1,0 +1,583 @@
+"""Alignment plug-ins against independent NumPy references written from the paper's equations.
+
+The references below loop over items, pairs, directions and prototypes in float64, following
+Eq. 2-11 of Li et al. (SIGIR'24) literally; they share no code with the JAX implementation.
+"""
+
+import functools
+import itertools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fettle_jax.alignment import bm3, fettle, get_alignment, none
+from fettle_jax.types import Batch, DataInfo, Representations
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- NumPy references
+
+
+def np_unit(v):
+  return v / max(np.linalg.norm(v), 1e-12)
+
+
+def np_cos(a, b):
+  return float(np_unit(a) @ np_unit(b))
+
+
+def np_log_softmax(x):
+  x = np.asarray(x, np.float64)
+  top = x.max()
+  return x - top - math.log(sum(math.exp(v - top) for v in x))
+
+
+def np_linear(p, x):
+  return x @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+
+
+def np_residual_ffn(p, x):
+  """Eq. 3: x + W2 relu(W1 x + b1) + b2."""
+  return x + np_linear(p["output"], np.maximum(np_linear(p["hidden"], x), 0.0))
+
+
+def np_modality_tables(params, reps, features, names, use_backbone):
+  """name -> [n_items, L] float64: ID from reps.items, content from backbone or projector."""
+  tables = {}
+  for name in names:
+    if name == "id":
+      tables[name] = np.asarray(reps.items, np.float64)
+    elif use_backbone and name in reps.modality_items:
+      tables[name] = np.asarray(reps.modality_items[name], np.float64)
+    else:
+      tables[name] = np_linear(params["projectors"][name], np.asarray(features[name], np.float64))
+  return tables
+
+
+def np_feedback(users_table, tables, names, batch_users, batch_items):
+  """Eq. 2: item -> [s_i^m for m in names], averaging u^T i^m over the item's batch pairs."""
+  feedback = {}
+  for item in sorted(set(batch_items.tolist())):
+    pairs = [b for b in range(len(batch_items)) if batch_items[b] == item]
+    feedback[item] = np.array([
+        np.mean([users_table[batch_users[b]] @ tables[m][item] for b in pairs]) for m in names])
+  return feedback
+
+
+def np_directions(s, mode="pairwise", threshold=-1.0):
+  """Eq. 5 (+ Sec 3.2 topmost, Sec 4.4 bidirectional) for one item's scores s."""
+  k = len(s)
+  if mode == "pairwise":
+    directions = set()
+    for m in range(k):
+      for n in range(m + 1, k):
+        directions.add((m, n) if s[m] <= s[n] else (n, m))  # tie: lower index is lower
+  else:
+    top = max(range(k), key=lambda idx: (s[idx], idx))  # tie: higher index ranks higher
+    directions = {(m, top) for m in range(k) if m != top}
+  if threshold >= 0:
+    directions |= {(n, m) for (m, n) in directions if s[m] > threshold}
+  return directions
+
+
+def np_ila(params, tables, names, feedback, negatives, temperature, mode, threshold):
+  """Eq. 4 as -log softmax; avg over each item's directions, mean over the batch's items."""
+  items = sorted(feedback)
+  candidates = items if negatives == "batch" else range(len(tables["id"]))
+  per_item = []
+  for i in items:
+    losses = []
+    for m, n in np_directions(feedback[i], mode, threshold):
+      ffn = params["alignment_ffn"][f"{names[m]}->{names[n]}"]
+      query = np_residual_ffn(ffn, tables[names[m]][i])
+      logits = {j: np_cos(query, tables[names[n]][j]) / temperature for j in candidates}
+      log_norm = math.log(sum(math.exp(v) for v in logits.values()))
+      losses.append(-(logits[i] - log_norm))
+    per_item.append(np.mean(losses))
+  return np.mean(per_item)
+
+
+def np_dt(params, users_table, tables, names, feedback, batch_users, batch_items, mode, threshold):
+  """Eq. 6 with |I| = number of unique batch items."""
+  k = len(names)
+  total = 0.0
+  for i in sorted(feedback):
+    pairs = [b for b in range(len(batch_items)) if batch_items[b] == i]
+    for m, n in np_directions(feedback[i], mode, threshold):
+      ffn = params["alignment_ffn"][f"{names[m]}->{names[n]}"]
+      aligned = np_residual_ffn(ffn, tables[names[m]][i])
+      total += np.mean([users_table[batch_users[b]] @ aligned for b in pairs])
+  return -total / (k * (k - 1) * len(feedback))
+
+
+def np_sinkhorn(scores, iterations, epsilon):
+  """SwAV's Sinkhorn-Knopp, element by element: [n, P] scores -> [n, P] codes (Eq. 7)."""
+  n, p = scores.shape
+  q = [[math.exp(scores[b][c] / epsilon) for b in range(n)] for c in range(p)]  # [P][n]
+  total = sum(sum(row) for row in q)
+  q = [[v / total for v in row] for row in q]
+  for _ in range(iterations):
+    for c in range(p):
+      row_sum = sum(q[c])
+      q[c] = [v / row_sum / p for v in q[c]]
+    for b in range(n):
+      col_sum = sum(q[c][b] for c in range(p))
+      for c in range(p):
+        q[c][b] = q[c][b] / col_sum / n
+  return np.array([[q[c][b] * n for c in range(p)] for b in range(n)])
+
+
+def np_prototype_scores(vectors, codebook):
+  columns = [np_unit(codebook[:, c]) for c in range(codebook.shape[1])]
+  return np.array([[np_unit(v) @ col for col in columns] for v in vectors])
+
+
+def np_cross_entropy(code, scores, temperature):
+  return -float(code @ np_log_softmax(np.asarray(scores) / temperature))
+
+
+def np_cla_itv(params, tables, names, items, cfg):
+  """Eq. 8: -1/|I| sum_i sum_{m<n} [q^n log p(i^m) + q^m log p(i^n)], per-modality codes."""
+  codebook = np.asarray(params["codebook_item"], np.float64)
+  scores = {m: np_prototype_scores([tables[m][i] for i in items], codebook) for m in names}
+  codes = {m: np_sinkhorn(scores[m], cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon) for m in names}
+  t = cfg.temperature_cluster
+  total = 0.0
+  for k in range(len(items)):
+    for m, n in itertools.combinations(names, 2):
+      total += np_cross_entropy(codes[n][k], scores[m][k], t)
+      total += np_cross_entropy(codes[m][k], scores[n][k], t)
+  return total / len(items)
+
+
+def np_cla_ui(params, users_table, id_table, batch_users, batch_items, cfg):
+  """Eq. 9 over the batch's (u, i) pairs with codebook C^UI."""
+  codebook = np.asarray(params["codebook_user"], np.float64)
+  user_scores = np_prototype_scores([users_table[u] for u in batch_users], codebook)
+  item_scores = np_prototype_scores([id_table[i] for i in batch_items], codebook)
+  user_codes = np_sinkhorn(user_scores, cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
+  item_codes = np_sinkhorn(item_scores, cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
+  t = cfg.temperature_cluster
+  return np.mean([np_cross_entropy(item_codes[b], user_scores[b], t)
+                  + np_cross_entropy(user_codes[b], item_scores[b], t)
+                  for b in range(len(batch_users))])
+
+
+def np_fettle_terms(params, reps, features, batch, cfg):
+  names = fettle.modality_names(params["projectors"])
+  tables = np_modality_tables(params, reps, features, names, cfg.use_backbone_modalities)
+  users_table = np.asarray(reps.users, np.float64)
+  batch_users, batch_items = np.asarray(batch.users), np.asarray(batch.pos_items)
+  feedback = np_feedback(users_table, tables, names, batch_users, batch_items)
+  mode, threshold = cfg.directions, cfg.bidirectional_threshold
+  terms = {
+      "ila": np_ila(params, tables, names, feedback, cfg.ila_negatives, cfg.temperature_feedback,
+                    mode, threshold),
+      "dt": np_dt(params, users_table, tables, names, feedback, batch_users, batch_items, mode,
+                  threshold),
+      "cla_itv": np_cla_itv(params, tables, names, sorted(feedback), cfg),
+      "cla_ui": np_cla_ui(params, users_table, tables["id"], batch_users, batch_items, cfg),
+  }
+  if len(names) < 2:
+    terms.update(ila=0.0, dt=0.0, cla_itv=0.0)
+  total = cfg.alpha * (terms["cla_ui"] + terms["cla_itv"]) + cfg.beta * (terms["ila"] + terms["dt"])
+  return total, terms
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+
+def make_config(embedding_size=8, **fettle_overrides):
+  fettle_cfg = fettle.default_config()
+  fettle_cfg.update(dict(prototypes_item=7, prototypes_user=11, projector_hidden=5,
+                         alpha=0.3, beta=0.7))
+  fettle_cfg.update(fettle_overrides)
+  return ml_collections.ConfigDict({"embedding_size": embedding_size, "fettle": fettle_cfg,
+                                    "bm3": bm3.default_config()})
+
+
+def jitted_loss(module, cfg):
+  return jax.jit(functools.partial(module.loss, rng=jax.random.PRNGKey(1), config=cfg))
+
+
+def make_problem(seed=0, feature_dims=None, backbone_modalities=(), n_users=10, n_items=9,
+                 batch_size=16, dim=8):
+  """Random representations, features and a batch whose positive items repeat."""
+  if feature_dims is None:
+    feature_dims = {"image": 12, "text": 6}
+  rng = np.random.default_rng(seed)
+  features = {m: jnp.asarray(rng.normal(size=(n_items, d)), jnp.float32)
+              for m, d in feature_dims.items()}
+  reps = Representations(
+      users=jnp.asarray(rng.normal(size=(n_users, dim)), jnp.float32),
+      items=jnp.asarray(rng.normal(size=(n_items, dim)), jnp.float32),
+      modality_items={m: jnp.asarray(rng.normal(size=(n_items, dim)), jnp.float32)
+                      for m in backbone_modalities})
+  pos_items = rng.integers(0, n_items // 2 + 1, size=batch_size)  # few items -> many repeats
+  assert len(set(pos_items.tolist())) < batch_size
+  batch = Batch(users=jnp.asarray(rng.integers(0, n_users, batch_size), jnp.int32),
+                pos_items=jnp.asarray(pos_items, jnp.int32),
+                neg_items=jnp.asarray(rng.integers(0, n_items, batch_size), jnp.int32))
+  return DataInfo(n_users, n_items, dict(feature_dims)), reps, features, batch
+
+
+# ------------------------------------------------------------------------ Eq. 2 and Eq. 5
+
+
+def test_estimated_feedback_matches_per_item_average_over_batch_pairs():
+  _, reps, _, batch = make_problem(backbone_modalities=("image", "text"))
+  names = ["id", "image", "text"]
+  tables = {"id": reps.items, **reps.modality_items}
+  per_pair = jnp.stack([tables[m][batch.pos_items] for m in names], axis=1)
+  scores, items = fettle.estimated_feedback(reps.users[batch.users], per_pair, batch.pos_items)
+  expected = np_feedback(np.asarray(reps.users, np.float64),
+                         {m: np.asarray(t, np.float64) for m, t in tables.items()}, names,
+                         np.asarray(batch.users), np.asarray(batch.pos_items))
+  n_unique = len(expected)
+  assert int(items.valid.sum()) == n_unique and scores.shape == (16, 3)
+  chex.assert_trees_all_close(np.asarray(items.ids)[:n_unique], np.array(sorted(expected)))
+  chex.assert_trees_all_close(scores[:n_unique], np.stack([expected[i] for i in sorted(expected)]),
+                              **TOL)
+  np.testing.assert_array_equal(np.asarray(scores[n_unique:]), 0.0)
+  np.testing.assert_array_equal(np.asarray(items.ids)[np.asarray(items.inverse)],
+                                np.asarray(batch.pos_items))
+
+
+def _direction_sets(mask):
+  mask = np.asarray(mask)
+  return [{(m, n) for m in range(mask.shape[1]) for n in range(mask.shape[2]) if mask[i, m, n]}
+          for i in range(mask.shape[0])]
+
+
+@pytest.mark.parametrize("n_modalities", [3, 4])
+def test_pairwise_directions_one_per_pair_with_deterministic_ties(n_modalities):
+  rng = np.random.default_rng(1)
+  scores = rng.integers(0, 3, size=(40, n_modalities)).astype(np.float32)  # many exact ties
+  valid = np.arange(40) < 35
+  mask = fettle.pairwise_directions(jnp.asarray(scores), jnp.asarray(valid))
+  sets = _direction_sets(mask)
+  for i in range(40):
+    if not valid[i]:
+      assert not sets[i]
+      continue
+    assert len(sets[i]) == n_modalities * (n_modalities - 1) // 2
+    assert sets[i] == np_directions(scores[i])
+    for m, n in itertools.combinations(range(n_modalities), 2):
+      assert ((m, n) in sets[i]) != ((n, m) in sets[i])  # exactly one direction per pair
+  tied = fettle.pairwise_directions(jnp.zeros((1, 3)), jnp.ones((1,), bool))
+  assert _direction_sets(tied)[0] == {(0, 1), (0, 2), (1, 2)}  # all tied: ID->image->text
+
+
+@pytest.mark.parametrize("n_modalities", [3, 4])
+def test_topmost_directions_point_all_others_to_the_top_modality(n_modalities):
+  rng = np.random.default_rng(2)
+  scores = rng.integers(0, 3, size=(40, n_modalities)).astype(np.float32)
+  mask = fettle.topmost_directions(jnp.asarray(scores), jnp.ones((40,), bool))
+  for i, directions in enumerate(_direction_sets(mask)):
+    assert len(directions) == n_modalities - 1
+    assert directions == np_directions(scores[i], "topmost")
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "topmost"])
+def test_bidirectional_threshold_adds_reverse_directions_for_high_scores(mode):
+  rng = np.random.default_rng(3)
+  scores = rng.normal(size=(50, 3)).astype(np.float32)
+  threshold = 0.1
+  mask = fettle.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode, threshold)
+  sets = _direction_sets(mask)
+  n_bidirectional = 0
+  for i in range(50):
+    assert sets[i] == np_directions(scores[i], mode, threshold)
+    n_bidirectional += any((n, m) in sets[i] for (m, n) in sets[i])
+  assert 0 < n_bidirectional < 50  # the threshold really splits the items
+  off = fettle.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode, -1.0)
+  assert [np_directions(s, mode) for s in scores] == _direction_sets(off)
+
+
+# ----------------------------------------------------------------------------- Sinkhorn
+
+
+def test_sinkhorn_matches_swav_reference_and_respects_mask():
+  rng = np.random.default_rng(4)
+  scores = np.tanh(rng.normal(size=(12, 7))).astype(np.float32)
+  codes = fettle.sinkhorn_knopp(jnp.asarray(scores), 3, 0.05)
+  chex.assert_trees_all_close(codes, np_sinkhorn(scores.astype(np.float64), 3, 0.05), **TOL)
+  # Padding rows (e.g. empty unique-item slots) get no mass and do not change real rows.
+  padded = np.concatenate([scores, rng.normal(size=(5, 7)).astype(np.float32)])
+  mask = np.arange(17) < 12
+  masked = fettle.sinkhorn_knopp(jnp.asarray(padded), 3, 0.05, jnp.asarray(mask))
+  chex.assert_trees_all_close(masked[:12], codes, **TOL)
+  np.testing.assert_array_equal(np.asarray(masked[12:]), 0.0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sinkhorn_marginals(masked):
+  rng = np.random.default_rng(5)
+  n, p = 48, 16
+  scores = np.tanh(rng.normal(size=(n, p))).astype(np.float32)
+  mask = (np.arange(n) < 40) if masked else np.ones(n, bool)
+  n_valid = int(mask.sum())
+  for iterations in (3, 300):
+    codes = np.asarray(fettle.sinkhorn_knopp(jnp.asarray(scores), iterations, 0.2,
+                                             jnp.asarray(mask)))
+    assert np.all(np.isfinite(codes)) and np.all(codes >= 0)
+    np.testing.assert_allclose(codes[mask].sum(axis=1), 1.0, atol=1e-5)  # each code sums to 1
+    np.testing.assert_array_equal(codes[~mask], 0.0)
+  # After convergence every prototype also holds n_valid / P of the (rescaled) mass.
+  np.testing.assert_allclose(codes[mask].sum(axis=0), n_valid / p, rtol=1e-3)
+
+
+# ----------------------------------------------------------------- every term, end to end
+
+
+CASES = {
+    "pairwise_batch": dict(),
+    "pairwise_all_negatives": dict(ila_negatives="all"),
+    "topmost": dict(directions="topmost"),
+    "bidirectional": dict(bidirectional_threshold=0.0),
+    "sinkhorn_5_iterations": dict(sinkhorn_iterations=5, sinkhorn_epsilon=0.1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fettle_terms_match_numpy_reference(case):
+  data_info, reps, features, batch = make_problem(seed=6)
+  cfg = make_config(**CASES[case])
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+  expected_total, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
+  assert set(terms) == {"ila", "dt", "cla_itv", "cla_ui"}
+  chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
+  chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+  assert all(abs(float(v)) > 1e-3 for v in terms.values())  # no term is trivially zero
+
+
+@pytest.mark.parametrize("feature_dims,backbone", [
+    ({"audio": 5, "image": 12, "text": 6}, ()),  # four modalities, all projected
+    ({"image": 12, "text": 6}, ("image",)),       # backbone's image, projected text
+    ({"image": 12}, ("image",)),                   # two modalities
+])
+def test_fettle_any_number_of_modalities_and_backbone_modalities(feature_dims, backbone):
+  data_info, reps, features, batch = make_problem(seed=7, feature_dims=feature_dims,
+                                                  backbone_modalities=backbone)
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  k = len(feature_dims) + 1
+  assert len(params["alignment_ffn"]) == k * (k - 1)
+  loss_fn = functools.partial(fettle.loss, features=features, batch=batch, rng=None, config=cfg)
+  (total, terms), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
+      params, reps)
+  expected_total, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
+  chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
+  chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
+  if backbone:  # the projector of a backbone-provided modality is unused
+    np.testing.assert_array_equal(np.asarray(grads[0]["projectors"]["image"]["kernel"]), 0.0)
+
+
+def test_fettle_without_content_modalities_is_user_cluster_alignment_only():
+  data_info, reps, features, batch = make_problem(seed=8, feature_dims={})
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  assert params["projectors"] == {} and params["alignment_ffn"] == {}
+  total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+  expected = np_cla_ui(params, np.asarray(reps.users, np.float64),
+                       np.asarray(reps.items, np.float64), np.asarray(batch.users),
+                       np.asarray(batch.pos_items), cfg.fettle)
+  assert float(terms["ila"]) == float(terms["dt"]) == float(terms["cla_itv"]) == 0.0
+  chex.assert_trees_all_close(terms["cla_ui"], np.float32(expected), **TOL)
+  chex.assert_trees_all_close(total, np.float32(cfg.fettle.alpha * expected), **TOL)
+
+
+@pytest.mark.parametrize("switches", [
+    dict(use_ila=True, use_dt=False, use_cla=False),
+    dict(use_ila=False, use_dt=False, use_cla=True),
+    dict(use_ila=True, use_dt=False, use_cla=True),
+])
+def test_ablation_switches_drop_terms(switches):
+  data_info, reps, features, batch = make_problem(seed=9)
+  cfg = make_config(**switches)
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+  _, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
+  kept = {"ila": switches["use_ila"], "dt": switches["use_dt"],
+          "cla_itv": switches["use_cla"], "cla_ui": switches["use_cla"]}
+  for name, on in kept.items():
+    chex.assert_trees_all_close(terms[name], np.float32(expected[name] if on else 0.0), **TOL)
+  f = cfg.fettle
+  chex.assert_trees_all_close(total, f.alpha * (terms["cla_ui"] + terms["cla_itv"])
+                              + f.beta * (terms["ila"] + terms["dt"]), **TOL)
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _id_dominant_problem():
+  """Two modalities where every item's ID score beats its image score: only image -> ID."""
+  rng = np.random.default_rng(10)
+  n_users, n_items, dim = 12, 10, 8
+  v = rng.normal(size=dim)
+  users = v + 0.1 * rng.normal(size=(n_users, dim))
+  reps = Representations(
+      users=jnp.asarray(users, jnp.float32),
+      items=jnp.asarray(3 * v + 0.1 * rng.normal(size=(n_items, dim)), jnp.float32),
+      modality_items={"image": jnp.asarray(-v + 0.1 * rng.normal(size=(n_items, dim)),
+                                           jnp.float32)})
+  batch = Batch(users=jnp.asarray(rng.integers(0, n_users, 16), jnp.int32),
+                pos_items=jnp.asarray(rng.integers(0, 6, 16), jnp.int32),
+                neg_items=jnp.zeros(16, jnp.int32))
+  return DataInfo(n_users, n_items, {"image": 4}), reps, {"image": jnp.ones((n_items, 4))}, batch
+
+
+def test_ila_stop_gradient_keeps_target_modality_fixed():
+  data_info, reps, features, batch = _id_dominant_problem()
+  cfg = make_config(use_dt=False, use_cla=False)
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+
+  ila_grad = jax.jit(jax.grad(
+      lambda r: fettle.loss(params, r, features, batch, None, cfg)[1]["ila"]))
+  grads = ila_grad(reps)
+  # ID is only ever the target sg(i^ID) of image -> ID, and users only pick directions.
+  np.testing.assert_array_equal(np.asarray(grads.items), 0.0)
+  np.testing.assert_array_equal(np.asarray(grads.users), 0.0)
+  image_grad = np.abs(np.asarray(grads.modality_items["image"])).sum(axis=1)
+  batch_items = set(np.asarray(batch.pos_items).tolist())
+  assert all(image_grad[i] > 0 for i in batch_items)  # the source modality does move
+  # Flip the scores so ID -> image: now ID receives gradient and image (the target) none.
+  flipped = reps._replace(users=-reps.users)
+  grads = ila_grad(flipped)
+  assert np.abs(np.asarray(grads.items)).sum() > 0
+  np.testing.assert_array_equal(np.asarray(grads.modality_items["image"]), 0.0)
+
+
+def test_dt_gradient_reaches_users_sources_and_projectors():
+  data_info, reps, features, batch = _id_dominant_problem()
+  cfg = make_config(use_ila=False, use_cla=False)
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  grad_params, grad_reps = jax.jit(jax.grad(
+      lambda p, r: fettle.loss(p, r, features, batch, None, cfg)[0], argnums=(0, 1)))(params, reps)
+  assert np.abs(np.asarray(grad_reps.users)).sum() > 0
+  assert np.abs(np.asarray(grad_reps.modality_items["image"])).sum() > 0
+  np.testing.assert_array_equal(np.asarray(grad_reps.items), 0.0)  # ID is never a DT source here
+  assert np.abs(np.asarray(grad_params["alignment_ffn"]["image->id"]["output"]["kernel"])).sum() > 0
+  np.testing.assert_array_equal(
+      np.asarray(grad_params["alignment_ffn"]["id->image"]["output"]["kernel"]), 0.0)
+
+
+def test_cluster_codes_carry_no_gradient():
+  rng = np.random.default_rng(11)
+  users = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+  items = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+  codebook = jnp.asarray(rng.normal(size=(8, 13)), jnp.float32)
+  t, n_iter, eps = 0.05, 3, 0.05
+  actual = jax.jit(jax.grad(functools.partial(
+      fettle.user_cluster_alignment_loss, temperature=t, n_iterations=n_iter, epsilon=eps),
+      argnums=(0, 1, 2)))(users, items, codebook)
+
+  # Same loss with the codes computed outside as constants.
+  q_u = fettle.sinkhorn_knopp(fettle.prototype_scores(users, codebook), n_iter, eps)
+  q_i = fettle.sinkhorn_knopp(fettle.prototype_scores(items, codebook), n_iter, eps)
+
+  def fixed_codes_loss(u, i, c, codes_u, codes_i):
+    log_p_u = fettle.cluster_log_probs(fettle.prototype_scores(u, c), t)
+    log_p_i = fettle.cluster_log_probs(fettle.prototype_scores(i, c), t)
+    return jnp.mean(fettle.code_cross_entropy(codes_i, log_p_u)
+                    + fettle.code_cross_entropy(codes_u, log_p_i))
+
+  expected = jax.jit(jax.grad(fixed_codes_loss, argnums=(0, 1, 2)))(
+      users, items, codebook, q_u, q_i)
+  chex.assert_trees_all_close(actual, expected, **TOL)
+  # The check has power: letting gradient through the codes changes it.
+  through = jax.jit(jax.grad(lambda u, i, c: fixed_codes_loss(
+      u, i, c, fettle.sinkhorn_knopp(fettle.prototype_scores(u, c), n_iter, eps),
+      fettle.sinkhorn_knopp(fettle.prototype_scores(i, c), n_iter, eps)), argnums=0))(
+          users, items, codebook)
+  assert np.abs(np.asarray(through) - np.asarray(actual[0])).max() > 1e-4
+
+
+# ------------------------------------------------------------------------------- scale
+
+
+def test_losses_and_gradients_finite_at_paper_scale():
+  """B=2048, P=10240/20480, lambda_c=tau=0.05, Amazon-like feature widths and scales."""
+  rng = np.random.default_rng(12)
+  n_users, n_items, dim, batch_size = 3000, 2500, 64, 2048
+  data_info = DataInfo(n_users, n_items, {"image": 4096, "text": 384})
+  cfg = ml_collections.ConfigDict({"embedding_size": dim, "fettle": fettle.default_config(),
+                                   "bm3": bm3.default_config()})
+  features = {  # CNN fc7-like non-negative image features, unit-norm sentence embeddings
+      "image": jnp.asarray(np.maximum(rng.normal(0, 2, (n_items, 4096)), 0), jnp.float32),
+      "text": jnp.asarray(rng.normal(0, 1 / np.sqrt(384), (n_items, 384)), jnp.float32)}
+  reps = Representations(users=jnp.asarray(rng.normal(0, 1, (n_users, dim)), jnp.float32),
+                         items=jnp.asarray(rng.normal(0, 1, (n_items, dim)), jnp.float32),
+                         modality_items={})
+  popular = rng.zipf(1.5, batch_size) % n_items  # skewed popularity: many repeats
+  batch = Batch(jnp.asarray(rng.integers(0, n_users, batch_size), jnp.int32),
+                jnp.asarray(popular, jnp.int32),
+                jnp.asarray(rng.integers(0, n_items, batch_size), jnp.int32))
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+
+  @jax.jit
+  def value_and_grads(params, reps):
+    return jax.value_and_grad(
+        lambda p, r: fettle.loss(p, r, features, batch, None, cfg), argnums=(0, 1),
+        has_aux=True)(params, reps)
+
+  (total, terms), grads = value_and_grads(params, reps)
+  for value in [total, *terms.values(), *jax.tree_util.tree_leaves(grads)]:
+    assert np.all(np.isfinite(np.asarray(value)))
+  assert all(float(v) != 0.0 for v in terms.values())
+
+
+# ----------------------------------------------------------------------- BM3, none, registry
+
+
+def test_bm3_matches_reference_and_pulls_both_ways():
+  data_info, reps, features, batch = make_problem(seed=13, backbone_modalities=("text",))
+  cfg = make_config()
+  params = bm3.init(jax.random.PRNGKey(0), data_info, cfg)
+  total, aux = jitted_loss(bm3, cfg)(params, reps, features, batch)
+  names = ["id", "image", "text"]
+  tables = np_modality_tables(params, reps, features, names, True)
+  distances = [1 - np_cos(tables[m][i], tables[n][i])
+               for i in np.asarray(batch.pos_items) for m, n in itertools.combinations(names, 2)]
+  chex.assert_trees_all_close(aux["bm3"], np.float32(np.mean(distances)), **TOL)
+  chex.assert_trees_all_close(total, np.float32(cfg.bm3.weight * np.mean(distances)), **TOL)
+  grads = jax.grad(lambda r: bm3.loss(params, r, features, batch, None, cfg)[0])(reps)
+  assert np.abs(np.asarray(grads.items)).sum() > 0
+  assert np.abs(np.asarray(grads.modality_items["text"])).sum() > 0
+
+
+def test_none_and_registry():
+  data_info, reps, features, batch = make_problem()
+  assert none.init(None, data_info, None) == {}
+  total, aux = none.loss({}, reps, features, batch, None, None)
+  assert float(total) == 0.0 and aux == {}
+  assert get_alignment("fettle") is fettle and get_alignment("bm3") is bm3
+  assert get_alignment("none") is none
+  with pytest.raises(ValueError):
+    get_alignment("clip")
+
+
+def test_default_config_fields():
+  cfg = fettle.default_config()
+  assert dict(cfg) == dict(
+      alpha=1e-3, beta=1e-3, temperature_feedback=0.1, temperature_cluster=0.05,
+      prototypes_item=10240, prototypes_user=20480, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
+      directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0, use_ila=True,
+      use_dt=True, use_cla=True, projector_hidden=64, use_backbone_modalities=True)
+
+
+@pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue")])
+def test_invalid_config_values_are_rejected(field, value):
+  data_info, reps, features, batch = make_problem()
+  cfg = make_config(**{field: value})
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  with pytest.raises(ValueError, match=field):
+    fettle.loss(params, reps, features, batch, None, cfg)
