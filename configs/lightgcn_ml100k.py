@@ -1,0 +1,16 @@
+"""LightGCN on the embedded MovieLens-100K data set (prepared on first use).
+
+  python run.py --config=configs/lightgcn_ml100k.py
+
+Add `--config.alignment=fettle` (or bm3) for the aligned variant. Measured numbers:
+README "Results" (produced by scripts/ml100k_table.py).
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.model = "lightgcn"
+  config.data.prepare = "ml100k"
+  return config
