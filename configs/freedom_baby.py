@@ -22,7 +22,7 @@ def backbone_config() -> ml_collections.ConfigDict:
       "n_mm_layers": 1,  # int: propagation layers on the item-item graph; MMRec 1
       "n_ui_layers": 2,  # int: LightGCN layers on the user-item graph (mean readout); MMRec 2
       "dropout": 0.8,  # float: share of user-item edges pruned per step; MMRec grid {0.8, 0.9}
-      "reg_weight": 1e-4,  # float: weight of the modality BPR terms; MMRec grid {0, 1e-5, 1e-4, 1e-3}
+      "reg_weight": 1e-4,  # float: weight of the modality BPR terms; MMRec grid {0, 1e-5..1e-3}
   })
 
 

@@ -1,0 +1,64 @@
+"""VBPR (He & McAuley, AAAI'16): BPR-MF whose item factor is extended by projected content.
+
+Score x_ui = <gamma_u, [gamma_i ; E f_i]> (their Eq. 2, without the bias terms, as in the MMRec
+benchmark): gamma_i a free item ID factor, f_i the item's content features and E a learned
+linear map. As in MMRec, f_i concatenates every content modality (here in sorted name order:
+image, text) and E is a Linear layer with bias; the loss is BPR + reg_weight * L2 of the batch's
+user and (full, ID + content) item representations.
+
+Width: MMRec uses ID 64 + content 64 = 128-d items and 128-d users. The backbone contract
+wants users, items and modality embeddings of one width, config.embedding_size, so the VBPR
+configs set embedding_size = 128 and we split it in half: ID half, content half.
+`modality_items` is {}: VBPR has no per-modality item embedding of full width, so an alignment
+plug-in projects the raw features itself.
+
+Differences from MMRec: the L2 term is the squared norm (VBPR's lambda ||Theta||^2, and this
+repo's `blocks.embedding_l2`) where MMRec's EmbLoss sums un-squared Frobenius norms, so
+reg_weight values do not transfer one to one; every weight is Xavier-uniform (FETTLE Sec 4.1).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fettle_jax import blocks
+from fettle_jax.types import Batch, DataInfo, Representations
+
+
+def _half(config) -> int:
+  size = config.embedding_size
+  if size % 2:
+    raise ValueError(f"VBPR splits embedding_size into ID and content halves; got odd {size}")
+  return size // 2
+
+
+def build_graph(train_pairs, n_users, n_items, features, config):
+  del train_pairs, n_users, n_items, config
+  if not features:
+    raise ValueError("VBPR needs at least one content modality")
+  content = np.concatenate([np.asarray(features[k], np.float32) for k in sorted(features)], 1)
+  return {"content": jnp.asarray(content)}
+
+
+def init(rng, data_info: DataInfo, config):
+  user_rng, item_rng, proj_rng = jax.random.split(rng, 3)
+  half = _half(config)
+  content_dim = sum(data_info.feature_dims.values())
+  return {"user_embedding": blocks.xavier_uniform(user_rng, (data_info.n_users, 2 * half)),
+          "item_embedding": blocks.xavier_uniform(item_rng, (data_info.n_items, half)),
+          "content_projector": blocks.init_linear(proj_rng, content_dim, half)}
+
+
+def represent(params, graph, config) -> Representations:
+  del config
+  content = blocks.linear(params["content_projector"], graph["content"])
+  items = jnp.concatenate([params["item_embedding"], content], axis=1)
+  return Representations(params["user_embedding"], items, {})
+
+
+def apply(params, graph, batch: Batch, rng, config):
+  del rng
+  reps = represent(params, graph, config)
+  u, pos, neg = reps.users[batch.users], reps.items[batch.pos_items], reps.items[batch.neg_items]
+  loss = blocks.bpr_loss(u, pos, neg) + config.vbpr.reg_weight * blocks.embedding_l2(u, pos, neg)
+  return reps, loss
