@@ -12,5 +12,4 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.model = "lightgcn"
-  config.data.prepare = "ml100k"
-  return config
+  return base.use_ml100k(config)

@@ -54,8 +54,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate)
 
 
-def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
-  """Returns epoch(state, rng, data) -> (state, mean losses): a lax.scan over the batches."""
+def make_train_step(backbone, alignment, config, optimizer):
+  """Returns step(state, data, batch, rng) -> (state, [backbone loss, alignment loss])."""
 
   def loss_fn(params, data: TrainData, batch: Batch, rng):
     backbone_rng, alignment_rng = jax.random.split(rng)
@@ -65,14 +65,23 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
                                        alignment_rng, config)
     return backbone_loss + alignment_loss, jnp.stack([backbone_loss, alignment_loss])
 
-  def step(carry, xs):
+  def step(state: TrainState, data: TrainData, batch: Batch, rng):
+    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, data, batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state), losses
+
+  return step
+
+
+def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
+  """Returns epoch(state, rng, data) -> (state, mean losses): a lax.scan over the batches."""
+  step = make_train_step(backbone, alignment, config, optimizer)
+
+  def scan_body(carry, xs):
     state, data, rng = carry
     batch, index = xs
-    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, data, batch,
-                                                    jax.random.fold_in(rng, index))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return (TrainState(params, opt_state), data, rng), losses
+    state, losses = step(state, data, batch, jax.random.fold_in(rng, index))
+    return (state, data, rng), losses
 
   @functools.partial(jax.jit, donate_argnums=0)
   @chex.assert_max_traces(n=1)
@@ -81,7 +90,7 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
     batches = sampling.epoch_batches(batch_rng, data.train_pairs, data.seen, n_items,
                                      config.batch_size)
     n_batch = batches.users.shape[0]
-    (state, _, _), losses = jax.lax.scan(step, (state, data, step_rng),
+    (state, _, _), losses = jax.lax.scan(scan_body, (state, data, step_rng),
                                          (batches, jnp.arange(n_batch)))
     return state, jnp.mean(losses, axis=0)
 
