@@ -103,6 +103,19 @@ def embedding_l2(*embeddings: Array) -> Array:
   return sum(jnp.sum(jnp.square(e)) for e in embeddings) / batch_size
 
 
+def regularized_bpr_loss(users: Array, items: Array, batch, reg_weight: float) -> Array:
+  """BPR on the batch's (user, positive, negative) rows plus reg_weight * their L2."""
+  u, pos, neg = users[batch.users], items[batch.pos_items], items[batch.neg_items]
+  return bpr_loss(u, pos, neg) + reg_weight * embedding_l2(u, pos, neg)
+
+
+def init_embedding_tables(rng: Array, n_users: int, n_items: int, size: int) -> dict:
+  """Xavier-initialized ID embedding tables {user_embedding, item_embedding}."""
+  user_rng, item_rng = jax.random.split(rng)
+  return {"user_embedding": xavier_uniform(user_rng, (n_users, size)),
+          "item_embedding": xavier_uniform(item_rng, (n_items, size))}
+
+
 # ----------------------------------------------------------------------------- item-item kNN graphs
 # Frozen modality graphs of FREEDOM (Zhou & Shen, MM'23), built once before training.
 

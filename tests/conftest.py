@@ -39,11 +39,12 @@ def tiny_mmrec(tmp_path):
   return path
 
 
-def tiny_config(path, model="lightgcn", alignment="none"):
-  """A fast config on the tiny data set."""
+def tiny_config(path, model="lightgcn", alignment="none", config=None):
+  """A fast config on the tiny data set (from `config`, default configs/base.py)."""
   from configs import base  # pylint: disable=g-import-not-at-top
-  config = base.get_config()
-  config.model = model
+  if config is None:
+    config = base.get_config()
+    config.model = model
   config.alignment = alignment
   config.data.path = path
   config.batch_size = 64

@@ -11,6 +11,7 @@ from configs import freedom_baby, vbpr_baby
 from fettle_jax import blocks, train
 from fettle_jax.backbones import freedom, vbpr
 from fettle_jax.types import Batch, DataInfo
+from tests.conftest import tiny_config
 
 N_USERS, N_ITEMS = 30, 40
 
@@ -289,16 +290,8 @@ def test_freedom_pruned_apply_propagates_on_sampled_graph():
 
 
 def tiny_run_config(config_module, path, alignment="none"):
-  config = config_module.get_config()
-  config.alignment = alignment
-  config.data.path = path
+  config = tiny_config(path, alignment=alignment, config=config_module.get_config())
   config.max_epochs = 2
-  config.batch_size = 64
-  config.eval_batch_size = 16
-  config.embedding_size = 8
-  config.topk = (5, 10, 20)
-  config.fettle.prototypes_item = 16
-  config.fettle.prototypes_user = 16
   return config
 
 

@@ -4,7 +4,6 @@ e^(k+1) = D^-1/2 A D^-1/2 e^(k); final representation = mean of e^(0..K) (their 
 The L2 penalty applies to the batch's ego (layer-0) embeddings, as in the paper.
 """
 
-import jax
 import jax.numpy as jnp
 
 from fettle_jax import blocks
@@ -18,10 +17,8 @@ def build_graph(train_pairs, n_users, n_items, features, config):
 
 
 def init(rng, data_info: DataInfo, config):
-  user_rng, item_rng = jax.random.split(rng)
-  size = config.embedding_size
-  return {"user_embedding": blocks.xavier_uniform(user_rng, (data_info.n_users, size)),
-          "item_embedding": blocks.xavier_uniform(item_rng, (data_info.n_items, size))}
+  return blocks.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
+                                      config.embedding_size)
 
 
 def represent(params, graph, config) -> Representations:

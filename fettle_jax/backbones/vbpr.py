@@ -59,6 +59,4 @@ def represent(params, graph, config) -> Representations:
 def apply(params, graph, batch: Batch, rng, config):
   del rng
   reps = represent(params, graph, config)
-  u, pos, neg = reps.users[batch.users], reps.items[batch.pos_items], reps.items[batch.neg_items]
-  loss = blocks.bpr_loss(u, pos, neg) + config.vbpr.reg_weight * blocks.embedding_l2(u, pos, neg)
-  return reps, loss
+  return reps, blocks.regularized_bpr_loss(reps.users, reps.items, batch, config.vbpr.reg_weight)
