@@ -103,8 +103,9 @@ def np_ila(params, tables, names, feedback, negatives, temperature, mode, thresh
   return np.mean(per_item)
 
 
-def np_dt(params, users_table, tables, names, feedback, batch_users, batch_items, mode, threshold):
-  """Eq. 6 with |I| = number of unique batch items."""
+def np_dt(params, users_table, tables, names, feedback, batch_users, batch_items, mode, threshold,
+          similarity="dot"):
+  """Eq. 6 with |I| = number of unique batch items; similarity 'dot' (as printed) or 'cosine'."""
   k = len(names)
   total = 0.0
   for i in sorted(feedback):
@@ -112,7 +113,12 @@ def np_dt(params, users_table, tables, names, feedback, batch_users, batch_items
     for m, n in np_directions(feedback[i], mode, threshold):
       ffn = params["alignment_ffn"][f"{names[m]}->{names[n]}"]
       aligned = np_residual_ffn(ffn, tables[names[m]][i])
-      total += np.mean([users_table[batch_users[b]] @ aligned for b in pairs])
+      if similarity == "cosine":
+        scores = [users_table[batch_users[b]] @ aligned / np.linalg.norm(aligned)
+                  / np.linalg.norm(users_table[batch_users[b]]) for b in pairs]
+      else:
+        scores = [users_table[batch_users[b]] @ aligned for b in pairs]
+      total += np.mean(scores)
   return -total / (k * (k - 1) * len(feedback))
 
 
@@ -180,7 +186,7 @@ def np_fettle_terms(params, reps, features, batch, cfg):
       "ila": np_ila(params, tables, names, feedback, cfg.ila_negatives, cfg.temperature_feedback,
                     mode, threshold),
       "dt": np_dt(params, users_table, tables, names, feedback, batch_users, batch_items, mode,
-                  threshold),
+                  threshold, cfg.dt_similarity),
       "cla_itv": np_cla_itv(params, tables, names, sorted(feedback), cfg),
       "cla_ui": np_cla_ui(params, users_table, tables["id"], batch_users, batch_items, cfg),
   }
@@ -338,6 +344,7 @@ def test_sinkhorn_marginals(masked):
 
 CASES = {
     "pairwise_batch": dict(),
+    "dt_as_printed_dot": dict(dt_similarity="dot"),
     "pairwise_all_negatives": dict(ila_negatives="all"),
     "topmost": dict(directions="topmost"),
     "bidirectional": dict(bidirectional_threshold=0.0),
@@ -571,10 +578,12 @@ def test_default_config_fields():
       alpha=1e-3, beta=1e-3, temperature_feedback=0.1, temperature_cluster=0.05,
       prototypes_item=10240, prototypes_user=20480, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
       directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0, use_ila=True,
-      use_dt=True, use_cla=True, projector_hidden=64, use_backbone_modalities=True)
+      use_dt=True, dt_similarity="cosine", use_cla=True, projector_hidden=64,
+      use_backbone_modalities=True)
 
 
-@pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue")])
+@pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue"),
+                                         ("dt_similarity", "l1")])
 def test_invalid_config_values_are_rejected(field, value):
   data_info, reps, features, batch = make_problem()
   cfg = make_config(**{field: value})

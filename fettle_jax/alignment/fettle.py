@@ -52,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
       "bidirectional_threshold": -1.0,  # float: theta of Sec 4.4; <0 = off (paper sweeps 0..0.99)
       "use_ila": True,  # bool: item-level alignment L_ILA (Table 3 ablation)
       "use_dt": True,  # bool: direction tuning L_DT (Table 3 ablation)
+      # str: 'cosine' (default) scores DT with cos(u, i^{m->n}); 'dot' is Eq. 6 as printed
+      # (u^T i^{m->n}), unbounded: it inflates embedding norms and diverged on ml100k.
+      "dt_similarity": "cosine",
       "use_cla": True,  # bool: cluster-level alignment L_UI + L_ITV (Table 3 ablation)
       "projector_hidden": 64,  # int: hidden width of each residual FFN f^{m->n} (Eq. 3)
       "use_backbone_modalities": True,  # bool: prefer reps.modality_items[m] over own projectors
@@ -260,13 +263,19 @@ def item_level_alignment_loss(aligned: Array, target_keys: Array, positive_index
 
 
 def direction_tuning_loss(aligned: Array, mean_user_emb: Array, directions: Array,
-                          valid: Array) -> Array:
+                          valid: Array, cosine: bool = False) -> Array:
   """L^DT (Eq. 6) = -1/(|M|(|M|-1)|I|) sum_{m,n} sum_{i in D^{m->n}} avg_{(u,i) in B} u^T i^{m->n}.
 
   avg over the item's batch users of u^T i^{m->n} equals mean_user_emb_i^T i^{m->n};
   |I| = number of valid unique items. No stop-gradient, as in Eq. 6.
+  cosine=True scores cos(u, i^{m->n}) instead (pass the mean of the L2-normalized users):
+  u^T i is unbounded below in the loss, and maximizing it only inflates norms (on ml100k
+  FREEDOM the literal form drove L^DT to -1.5e6 within 20 epochs); the cosine tunes the
+  *direction*, which is what Sec 3.2 motivates.
   """
   n_modalities = aligned.shape[1]
+  if cosine:
+    aligned = l2_normalize(aligned)
   preference = jnp.einsum("ul,umnl->umn", mean_user_emb, aligned)
   mask = directions & valid[:, None, None]
   n_items = jnp.maximum(jnp.sum(valid.astype(aligned.dtype)), 1.0)
@@ -391,6 +400,8 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   cfg = config.fettle
   if cfg.directions not in ("pairwise", "topmost"):
     raise ValueError(f"fettle.directions must be 'pairwise' or 'topmost', got {cfg.directions!r}")
+  if cfg.dt_similarity not in ("cosine", "dot"):
+    raise ValueError(f"fettle.dt_similarity must be 'cosine' or 'dot', got {cfg.dt_similarity!r}")
   if cfg.ila_negatives not in ("batch", "all"):
     raise ValueError(f"fettle.ila_negatives must be 'batch' or 'all', got {cfg.ila_negatives!r}")
   names = modality_names(params["projectors"])
@@ -417,8 +428,11 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
       terms["ila"] = item_level_alignment_loss(aligned, keys, positive, key_mask, directions,
                                                items.valid, cfg.temperature_feedback)
     if cfg.use_dt:
-      mean_user_emb = segment_mean(user_emb_b, items.inverse, items.counts)
-      terms["dt"] = direction_tuning_loss(aligned, mean_user_emb, directions, items.valid)
+      cosine = cfg.dt_similarity == "cosine"
+      users_for_dt = l2_normalize(user_emb_b) if cosine else user_emb_b
+      mean_user_emb = segment_mean(users_for_dt, items.inverse, items.counts)
+      terms["dt"] = direction_tuning_loss(aligned, mean_user_emb, directions, items.valid,
+                                          cosine)
 
   if cfg.use_cla:
     sinkhorn = dict(temperature=cfg.temperature_cluster, n_iterations=cfg.sinkhorn_iterations,
