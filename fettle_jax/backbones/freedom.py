@@ -65,11 +65,11 @@ def build_graph(train_pairs, n_users, n_items, features, config):
 
 
 def init(rng, data_info: DataInfo, config):
-  user_rng, item_rng, proj_rng = jax.random.split(rng, 3)
+  table_rng, proj_rng = jax.random.split(rng)
   size = config.embedding_size
-  return {"user_embedding": blocks.xavier_uniform(user_rng, (data_info.n_users, size)),
-          "item_embedding": blocks.xavier_uniform(item_rng, (data_info.n_items, size)),
-          "projectors": blocks.init_feature_projectors(proj_rng, data_info.feature_dims, size)}
+  params = blocks.init_embedding_tables(table_rng, data_info.n_users, data_info.n_items, size)
+  params["projectors"] = blocks.init_feature_projectors(proj_rng, data_info.feature_dims, size)
+  return params
 
 
 def _forward(params, graph, user_item: blocks.Graph, config) -> Representations:
