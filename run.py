@@ -20,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_pipeline.errors import DataError  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
+    "Experiment config file (default: configs/default.py, FREEDOM + FETTLE on ml100k).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, checkpoints. "
                                "Default: runs/<config file name>.")
 

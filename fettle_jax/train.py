@@ -109,6 +109,27 @@ def make_evaluate(backbone, config):
   return evaluate
 
 
+def check_config(config: ml_collections.ConfigDict, n_items: int) -> None:
+  """One-line errors for settings that would otherwise fail deep inside a compiled step."""
+  positive = ("batch_size", "eval_batch_size", "embedding_size", "patience",
+              "checkpoint_every_epochs")
+  for name in positive:
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+  if config.max_epochs < 0 or config.learning_rate < 0:
+    raise ValueError("config.max_epochs and config.learning_rate must not be negative")
+  if not config.topk or min(config.topk) <= 0 or max(config.topk) > n_items:
+    raise ValueError(f"config.topk must lie in [1, n_items={n_items}], got {tuple(config.topk)}")
+  metric, _, k = config.selection_metric.partition("@")
+  if metric not in evaluation.METRICS or not k.isdigit() or int(k) not in config.topk:
+    raise ValueError(f"config.selection_metric {config.selection_metric!r} must be one of "
+                     f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
+
+
+def median_or_none(values):
+  return statistics.median(values) if values else None
+
+
 def split_metrics(metrics: Dict[str, jax.Array], index: int) -> Dict[str, float]:
   return {name: float(values[index]) for name, values in sorted(metrics.items())}
 
@@ -126,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # so reset its counter: within this run each may then trace (compile) exactly once.
   chex.clear_trace_counter()
   data = load_data(config)
+  check_config(config, data.n_items)
   print(data.summary(), flush=True)
   backbone = get_backbone(config.model)
   alignment = alignment_lib.get_alignment(config.alignment)
@@ -155,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"resumed from {workdir} at epoch {loop['epoch']}", flush=True)
 
   selection = config.selection_metric
+  first_epoch = loop["epoch"] + 1
   try:
     while loop["epoch"] < config.max_epochs and loop["bad_epochs"] < config.patience:
       epoch = loop["epoch"] + 1
@@ -182,8 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               "backbone_loss": float(losses[0]),
                               "alignment_loss": float(losses[1]),
                               f"valid_{selection}": valid[selection]})
-      loop["train_seconds"].append(train_seconds)
-      loop["eval_seconds"].append(eval_seconds)
+      if epoch > first_epoch:  # this process's first epoch includes compilation
+        loop["train_seconds"].append(train_seconds)
+        loop["eval_seconds"].append(eval_seconds)
+      else:
+        loop["first_epoch_seconds"] = train_seconds + eval_seconds
       print(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
             f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
             f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s",
@@ -201,8 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "selection_metric": f"valid {selection}",
       "valid": loop["best_valid"],
       "test": loop["best_test"],
-      "train_epoch_seconds": statistics.median(loop["train_seconds"][1:] or loop["train_seconds"]),
-      "eval_seconds": statistics.median(loop["eval_seconds"][1:] or loop["eval_seconds"]),
+      # Medians over epochs after compilation (None if only one epoch ran).
+      "train_epoch_seconds": median_or_none(loop["train_seconds"]),
+      "eval_seconds": median_or_none(loop["eval_seconds"]),
+      "first_epoch_seconds": loop.get("first_epoch_seconds"),
       "data": {"name": data.name, "path": data.path, "n_users": data.n_users,
                "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
                "n_test": len(data.test), "modalities": sorted(data.features)},

@@ -28,6 +28,7 @@ def test_tiny_end_to_end_run_writes_metrics(tiny_mmrec, tmp_path, model):
       for name in ("recall", "ndcg", "precision", "map"):
         assert 0.0 <= saved[split][f"{name}@{k}"] <= 1.0
   assert saved["train_epoch_seconds"] > 0 and saved["eval_seconds"] > 0
+  assert saved["first_epoch_seconds"] >= saved["train_epoch_seconds"]
   assert saved["config"]["model"] == model
   assert result["test"] == saved["test"]
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "best")
@@ -83,3 +84,17 @@ def test_epoch_compiles_once_and_a_retrace_would_fail(tiny_mmrec, tmp_path):
   jitted(jnp.ones(2))  # same shape: cached, no trace
   with pytest.raises(AssertionError, match="traced > 1 times"):
     jitted(jnp.zeros(3))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "batch_size must be positive"),
+    ("topk", (5, 500), "topk must lie in"),
+    ("selection_metric", "recall@7", "selection_metric"),
+    ("selection_metric", "auc@20", "selection_metric"),
+])
+def test_bad_config_is_one_clear_error(tiny_mmrec, tmp_path, field, value, message):
+  config = tiny_config(tiny_mmrec)
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "metrics.json")
