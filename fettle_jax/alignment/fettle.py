@@ -132,8 +132,10 @@ class BatchItems(NamedTuple):
   valid: Array        # bool [B]; slot holds a real item
 
 
-def unique_batch_items(batch_items: Array) -> BatchItems:
-  size = batch_items.shape[0]
+def unique_batch_items(batch_items: Array, n_items: int = None) -> BatchItems:
+  # A batch holds at most min(B, n_items) distinct items: a static bound that shrinks every
+  # [U, U] ILA matrix on catalogues smaller than the batch (ml100k: 1682 < 2048).
+  size = batch_items.shape[0] if n_items is None else min(batch_items.shape[0], n_items)
   ids, first_index, inverse, counts = jnp.unique(
       batch_items, size=size, return_index=True, return_inverse=True, return_counts=True)
   return BatchItems(ids, inverse.reshape(-1), first_index, counts, counts > 0)
@@ -156,14 +158,15 @@ def masked_mean(values: Array, mask: Array) -> Array:
 
 
 def estimated_feedback(user_emb_b: Array, item_emb_by_modality_b: Array,
-                       batch_items: Array) -> Tuple[Array, BatchItems]:
+                       batch_items: Array, n_items: int = None) -> Tuple[Array, BatchItems]:
   """s_i^m = avg_{(u,i) in B} u^T i^m (Eq. 2), for the batch's unique items.
 
   user_emb_b: [B, L] users of the batch's interacted pairs; item_emb_by_modality_b:
   [B, |M|, L] their items' modality embeddings; batch_items: [B] item ids.
-  Returns scores [B, |M|] (row per unique-item slot, 0 on padding) and the BatchItems.
+  Returns scores [U, |M|] (row per unique-item slot, 0 on padding; U = min(B, n_items))
+  and the BatchItems.
   """
-  items = unique_batch_items(batch_items)
+  items = unique_batch_items(batch_items, n_items)
   pair_scores = jnp.einsum("bl,bml->bm", user_emb_b, item_emb_by_modality_b)
   return segment_mean(pair_scores, items.inverse, items.counts), items
 
@@ -409,7 +412,7 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   pair_embs = batch_modality_embeddings(params["projectors"], reps, features, batch.pos_items,
                                         names, cfg.use_backbone_modalities)  # [B, |M|, L]
   user_emb_b = reps.users[batch.users]
-  scores, items = estimated_feedback(user_emb_b, pair_embs, batch.pos_items)
+  scores, items = estimated_feedback(user_emb_b, pair_embs, batch.pos_items, reps.items.shape[0])
   item_embs = pair_embs[items.first_index]  # [U=B, |M|, L], one row per unique item
   zero = jnp.zeros((), pair_embs.dtype)
   terms = {"ila": zero, "dt": zero, "cla_itv": zero, "cla_ui": zero}
