@@ -65,11 +65,11 @@ def run_cell(backbone, variant, alignment, overrides, seed):
     return json.load(f)
 
 
-def mean_std(values):
+def mean_std(values, digits=4):
   if not values:
     return "n/a"
   std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return f"{statistics.mean(values):.4f} ± {std:.4f}"
+  return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def main(argv):
@@ -86,7 +86,7 @@ def main(argv):
       rows.append((backbone, variant, len(results),
                    [mean_std([r["test"][m] for r in results]) for m in METRICS],
                    mean_std([r["valid"]["recall@20"] for r in results]),
-                   mean_std([r["best_epoch"] for r in results])))
+                   mean_std([r["best_epoch"] for r in results], digits=0)))
   lines = ["| backbone | variant | seeds | test R@20 | test N@20 | valid R@20 | best epoch |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   lines += [f"| {b} | {v} | {n} | {m[0]} | {m[1]} | {val} | {ep} |"

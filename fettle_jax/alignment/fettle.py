@@ -10,15 +10,16 @@ ID (`reps.items`). Everything is written for any |M|; with |M| < 2 the item-leve
 (ILA, DT, CLA_ITV) are 0 and FETTLE reduces to CLA_UI.
 
 Choices where the paper is ambiguous (each also noted at the code):
-- Batch statistics live on the batch's *unique* positive items, a fixed-size [B] buffer
-  (`jnp.unique(..., size=B)`) with a validity mask; every "sum over items" is a mean over
+- Batch statistics live on the batch's *unique* positive items, a fixed-size buffer of
+  U = min(B, n_items) slots (`jnp.unique(..., size=U)`) with a validity mask; every "sum over items" is a mean over
   the valid unique items (|I| = their number), so loss scales do not grow with B.
 - Ties in Eq. 5: on s_i^m == s_i^n the modality with the lower index in M is the lower
   one, so every unordered pair gets exactly one direction.
 - Eq. 4 is printed without a minus sign; we minimize -log softmax (InfoNCE).
 - Cosine similarity / L2 normalization everywhere an embedding meets a codebook (SwAV).
 - DT (Eq. 6) has no stop-gradient: gradients reach users, modality embeddings and the
-  residual projectors, as the equation is written.
+  residual projectors, as the equation is written. It scores cos(u, i^{m->n}) by default
+  (`dt_similarity`): the printed u^T i^{m->n} is unbounded and diverged in our runs.
 """
 
 import itertools
