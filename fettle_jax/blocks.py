@@ -1,12 +1,15 @@
 """Building blocks every backbone reuses: initializers, projectors, graphs, propagation.
 
-Graphs are edge lists propagated with gathers and `jax.ops.segment_sum`, never dense
-adjacency matrices: Baby's user-item graph has 26k nodes but only 240k directed edges.
+Graphs are edge lists (sorted by receiver, i.e. CSR order), never dense adjacency matrices:
+Baby's user-item graph has 26k nodes but only 240k directed edges. Symmetric graphs (the
+normalized user-item graph) propagate through a CSR sparse-dense product whose gradient is
+the same product; general graphs through gathers and `jax.ops.segment_sum`.
 """
 
 from typing import NamedTuple
 
 import jax
+from jax.experimental import sparse
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,6 +57,31 @@ def propagate(graph: Graph, x: Array) -> Array:
                              indices_are_sorted=True)
 
 
+def csr_matrix(graph: Graph, n_nodes: int) -> sparse.BCSR:
+  """The graph as a [n_nodes, n_nodes] CSR matrix A with A[r, s] = w_sr (edges sorted by r)."""
+  counts = jax.ops.segment_sum(jnp.ones_like(graph.receivers), graph.receivers, n_nodes,
+                               indices_are_sorted=True)
+  indptr = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+  return sparse.BCSR((graph.weights, graph.senders, indptr), shape=(n_nodes, n_nodes))
+
+
+def propagate_symmetric(graph: Graph, x: Array) -> Array:
+  """propagate() for a graph with w_sr = w_rs on every edge pair (A = A^T).
+
+  A CSR product is ~4x faster than gather + segment_sum on CPU (XLA's gather writes an
+  [E, d] intermediate; the CSR kernel streams rows), and since A^T = A its gradient is the
+  same product: no scatter in the backward pass either.
+  """
+  matrix = csr_matrix(graph, x.shape[0])
+
+  @jax.custom_vjp
+  def multiply(v):
+    return matrix @ v
+
+  multiply.defvjp(lambda v: (matrix @ v, None), lambda _, cotangent: (matrix @ cotangent,))
+  return multiply(x)
+
+
 def sort_edges_by_receiver(senders: np.ndarray, receivers: np.ndarray,
                            weights: np.ndarray) -> Graph:
   order = np.lexsort((senders, receivers))
@@ -83,10 +111,13 @@ def user_item_graph(users: np.ndarray, items: np.ndarray, n_users: int, n_items:
 
 
 def mean_of_layers(graph: Graph, x: Array, n_layers: int) -> Array:
-  """LightGCN's layer combination: mean of x, Ax, ..., A^K x (He et al. 2020, Eq. 4)."""
+  """LightGCN's layer combination: mean of x, Ax, ..., A^K x (He et al. 2020, Eq. 4).
+
+  `graph` must be symmetric (a normalized user-item graph, pruned or not).
+  """
   total, h = x, x
   for _ in range(n_layers):
-    h = propagate(graph, h)
+    h = propagate_symmetric(graph, h)
     total = total + h
   return total / (n_layers + 1)
 

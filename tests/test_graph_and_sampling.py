@@ -111,3 +111,21 @@ def test_epoch_batches_are_reproducible():
   a = sampling.epoch_batches(jax.random.PRNGKey(7), pairs, seen, 5, 3)
   b = sampling.epoch_batches(jax.random.PRNGKey(7), pairs, seen, 5, 3)
   chex.assert_trees_all_equal(a, b)
+
+
+def test_symmetric_propagation_and_its_gradient_match_dense():
+  rng = np.random.default_rng(4)
+  pairs = np.unique(np.stack([rng.integers(0, 12, 50), rng.integers(0, 9, 50)], 1), axis=0)
+  graph = blocks.user_item_graph(pairs[:, 0], pairs[:, 1], 12, 9)
+  dense = np.zeros((21, 21))
+  np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
+            np.asarray(graph.weights))
+  np.testing.assert_allclose(dense, dense.T, atol=1e-7)  # the user-item graph is symmetric
+  x = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
+  chex.assert_trees_all_close(np.asarray(jax.jit(blocks.propagate_symmetric)(graph, x)),
+                              dense @ np.asarray(x), rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda v: jnp.sum(blocks.propagate_symmetric(graph, v) * probe))(x)
+  chex.assert_trees_all_close(np.asarray(grad), dense.T @ np.asarray(probe), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(blocks.propagate_symmetric(graph, x), blocks.propagate(graph, x),
+                              rtol=1e-5, atol=1e-6)
