@@ -492,8 +492,8 @@ def test_cluster_codes_carry_no_gradient():
   q_i = fettle.sinkhorn_knopp(fettle.prototype_scores(items, codebook), n_iter, eps)
 
   def fixed_codes_loss(u, i, c, codes_u, codes_i):
-    log_p_u = fettle.cluster_log_probs(fettle.prototype_scores(u, c), t)
-    log_p_i = fettle.cluster_log_probs(fettle.prototype_scores(i, c), t)
+    log_p_u = fettle.cluster_prediction(fettle.prototype_scores(u, c), t)
+    log_p_i = fettle.cluster_prediction(fettle.prototype_scores(i, c), t)
     return jnp.mean(fettle.code_cross_entropy(codes_i, log_p_u)
                     + fettle.code_cross_entropy(codes_u, log_p_i))
 

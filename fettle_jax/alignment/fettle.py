@@ -298,27 +298,33 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   valid sample's code sums to 1. Masked samples get zero mass and are left out of every
   marginal (n_valid counts only real samples). Callers stop gradients (codes are targets).
 
-  One exp pass, then only multiplications: subtracting the (global) max score first is a
-  scalar rescaling, which the normalizations undo exactly, and it keeps every exp in
-  (0, 1] (no overflow at any P or eps). Scores are cosines in [-1, 1], so entries
+  Eq. 7's form diag(r) K diag(s) is kept literally: the loop updates only the scaling
+  vectors (two matrix-vector products per round, no [n, P] writes), and the codes
+  r_i K_ip s_p are formed once at the end, where XLA fuses them into their consumer.
+  Subtracting the global max score first is a scalar rescaling (undone exactly by the
+  normalizations) that keeps every exp in (0, 1]; scores are cosines in [-1, 1], so entries
   stay >= exp(-2 / eps), far above float32 underflow for eps >= 0.03; the tiny floors
-  below only guard the degenerate case.
+  only guard the degenerate case.
   """
-  n_samples, n_prototypes = scores.shape
+  n_samples, _ = scores.shape
   if sample_mask is None:
     sample_mask = jnp.ones((n_samples,), bool)
-  weight = sample_mask.astype(scores.dtype)[:, None]
+  weight = sample_mask.astype(scores.dtype)
+  n_prototypes = scores.shape[1]
   n_valid = jnp.maximum(jnp.sum(weight), 1.0)
   tiny = jnp.finfo(scores.dtype).tiny
-  top = jnp.max(jnp.where(weight > 0, scores, -jnp.inf))
-  q = jnp.exp((jnp.minimum(scores, top) - top) / epsilon) * weight  # [n, P]
+  top = jnp.max(jnp.where(sample_mask[:, None], scores, -jnp.inf))
+  kernel = jnp.exp((jnp.minimum(scores, top) - top) / epsilon)  # K, [n, P]
 
-  def normalize_round(_, q):
-    q = q / (jnp.maximum(jnp.sum(q, axis=0, keepdims=True), tiny) * n_prototypes)
-    return q / (jnp.maximum(jnp.sum(q, axis=1, keepdims=True), tiny) * n_valid) * weight
+  def normalize_round(_, scalings):
+    r, _ = scalings
+    s = 1.0 / (jnp.maximum(r @ kernel, tiny) * n_prototypes)  # prototype marginals 1/P
+    r = weight / (jnp.maximum(kernel @ s, tiny) * n_valid)   # sample marginals 1/n_valid
+    return r, s
 
-  q = jax.lax.fori_loop(0, n_iterations, normalize_round, q)
-  return q * n_valid
+  r, s = jax.lax.fori_loop(0, n_iterations, normalize_round,
+                           (weight, jnp.ones((n_prototypes,), scores.dtype)))
+  return (r * n_valid)[:, None] * kernel * s[None, :]
 
 
 def prototype_scores(embeddings: Array, codebook: Array) -> Array:
@@ -332,14 +338,25 @@ def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
   return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask)
 
 
-def cluster_log_probs(scores: Array, temperature: float) -> Array:
-  """log SoftMax(i C / lambda_c) (Eq. 8-9): the predicted assignment, which gets gradients."""
-  return jax.nn.log_softmax(scores / temperature, axis=-1)
+class ClusterPrediction(NamedTuple):
+  """SoftMax(i C / lambda_c) (Eq. 8-9), the predicted assignment, kept as logits z and
+  log-partition lse(z): log p = z - lse is never materialized as its own [n, P] array."""
+  logits: Array         # [n, P]
+  log_partition: Array  # [n]
 
 
-def code_cross_entropy(codes: Array, log_probs: Array) -> Array:
-  """-q^T log p, per sample (the brackets of Eq. 8-9)."""
-  return -jnp.sum(codes * log_probs, axis=-1)
+def cluster_prediction(scores: Array, temperature: float) -> ClusterPrediction:
+  logits = scores / temperature
+  return ClusterPrediction(logits, jax.nn.logsumexp(logits, axis=-1))
+
+
+def code_cross_entropy(codes: Array, prediction: ClusterPrediction) -> Array:
+  """-q^T log p = lse(z) sum(q) - q^T z, per sample (the brackets of Eq. 8-9).
+
+  One fused pass over [n, P] forward and one backward (softmax(z) sum(q) - q).
+  """
+  return (prediction.log_partition * jnp.sum(codes, axis=-1)
+          - jnp.sum(codes * prediction.logits, axis=-1))
 
 
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
@@ -357,11 +374,11 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
     return jnp.zeros((), item_emb_by_modality.dtype)
   scores = [prototype_scores(item_emb_by_modality[:, m], codebook) for m in range(n_modalities)]
   codes = [cluster_codes(s, valid, n_iterations, epsilon) for s in scores]
-  log_probs = [cluster_log_probs(s, temperature) for s in scores]
+  predictions = [cluster_prediction(s, temperature) for s in scores]
   per_item = 0.0
   for m, n in itertools.combinations(range(n_modalities), 2):
-    per_item = (per_item + code_cross_entropy(codes[n], log_probs[m])
-                + code_cross_entropy(codes[m], log_probs[n]))
+    per_item = (per_item + code_cross_entropy(codes[n], predictions[m])
+                + code_cross_entropy(codes[m], predictions[n]))
   return masked_mean(per_item, valid)
 
 
@@ -373,8 +390,8 @@ def user_cluster_alignment_loss(user_emb_b: Array, id_item_emb_b: Array, codeboo
   item_scores = prototype_scores(id_item_emb_b, codebook)
   user_codes = cluster_codes(user_scores, None, n_iterations, epsilon)
   item_codes = cluster_codes(item_scores, None, n_iterations, epsilon)
-  return jnp.mean(code_cross_entropy(item_codes, cluster_log_probs(user_scores, temperature))
-                  + code_cross_entropy(user_codes, cluster_log_probs(item_scores, temperature)))
+  return jnp.mean(code_cross_entropy(item_codes, cluster_prediction(user_scores, temperature))
+                  + code_cross_entropy(user_codes, cluster_prediction(item_scores, temperature)))
 
 
 # --------------------------------------------------------------------------- plug-in API
