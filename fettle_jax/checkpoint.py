@@ -16,7 +16,10 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    # Synchronous saves: the train step donates the state buffers, so a background write
+    # could otherwise read a buffer the next epoch already reuses (CPU arrays are not copied).
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                           enable_async_checkpointing=False)
     self._latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
     self._best = ocp.CheckpointManager(os.path.join(root, "best"), options=options)
 
