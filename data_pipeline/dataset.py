@@ -38,7 +38,8 @@ class Dataset:
 def detect_format(path: str) -> str:
   """'lattice' if the folder has train.json, 'mmrec' if it has a `.inter` file."""
   if not os.path.isdir(path):
-    raise DataError(f"{path}: data folder does not exist")
+    raise DataError(f"{path}: data folder does not exist (set --config.data.path=DIR to an "
+                    "MMRec or LATTICE folder)")
   if os.path.exists(os.path.join(path, "train.json")):
     return "lattice"
   if glob.glob(os.path.join(path, "*.inter")):
