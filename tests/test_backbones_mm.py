@@ -1,6 +1,5 @@
 """Multi-modal backbones (VBPR, FREEDOM) and their graph blocks, against dense NumPy references."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
