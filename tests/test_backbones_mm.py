@@ -1,6 +1,5 @@
 """Multi-modal backbones (VBPR, FREEDOM) and their graph blocks, against dense NumPy references."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
