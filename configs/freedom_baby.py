@@ -3,7 +3,8 @@
   python run.py --config=configs/freedom_baby.py \
       --config.data.path=../shared/data/amazon-baby-5core --workdir=runs/freedom_baby
 
-Paper (Table 2): test Recall@20 0.0986. Measured here: see README "Results".
+Paper (Table 2): test Recall@20 0.0986. Not measured here: needs MMRec's baby/ features
+(image_feat.npy, text_feat.npy), which are not available offline.
 """
 
 import ml_collections
