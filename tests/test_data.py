@@ -151,3 +151,21 @@ def test_writer_is_read_back(tmp_path):
   assert data.train.tolist() == [[0, 0], [1, 1]]
   assert data.valid.tolist() == [[0, 1]] and data.test.tolist() == [[1, 0]]
   assert data.features["kg"].dtype == np.float32 and data.features["kg"].shape == (2, 3)
+
+
+def test_convert_cli(tmp_path):
+  src = tmp_path / "lattice"
+  src.mkdir()
+  for file, content in {"train.json": {"0": [0, 1]}, "val.json": {"0": [2]},
+                        "test.json": {"0": [3]}}.items():
+    (src / file).write_text(json.dumps(content))
+  out = tmp_path / "mmrec"
+  ok = subprocess.run([sys.executable, "-m", "data_pipeline.convert", f"--src={src}",
+                       f"--out={out}", "--name=toy"], capture_output=True, text=True, cwd=ROOT,
+                      timeout=120)
+  assert ok.returncode == 0 and (out / "toy.inter").exists()
+  bad = subprocess.run([sys.executable, "-m", "data_pipeline.convert", f"--src={tmp_path}/none",
+                        f"--out={out}", "--name=toy"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "split file not found" in bad.stderr.strip().splitlines()[-1]
