@@ -3,7 +3,8 @@
   python scripts/benchmark_steps.py --data=/tmp/baby_twin [--backbones=bpr,lightgcn,vbpr,freedom]
 
 Make the data with `python -m data_pipeline.synthetic --like baby --out /tmp/baby_twin`
-(paper-scale: 19,445 users, 7,050 items, 4096-d image + 384-d text). Each row times the
+(paper-scale: 19,445 users, 7,050 items, 4096-d image + 384-d text). For ml100k:
+`--data=~/.cache/fettle_jax/ml100k --configs=ml100k` (after one `python run.py`). Each row times the
 same compiled train step (forward, backward, Adam), scanned over --steps fresh batches as
 in a training epoch, after one warm-up call; rounds alternate between variants so machine
 noise hits them alike.
@@ -31,6 +32,8 @@ from fettle_jax.backbones import get_backbone  # pylint: disable=g-import-not-at
 from fettle_jax.types import Batch, DataInfo  # pylint: disable=g-import-not-at-top
 
 _DATA = flags.DEFINE_string("data", "/tmp/baby_twin", "MMRec-format folder.")
+_CONFIGS = flags.DEFINE_enum("configs", "baby", ["baby", "ml100k"],
+                              "Config family: configs/<backbone>_<configs>.py.")
 _BACKBONES = flags.DEFINE_list("backbones", ["bpr", "lightgcn", "vbpr", "freedom"], "Backbones.")
 _ALIGNMENTS = flags.DEFINE_list("alignments", ["none", "fettle"], "Variants; the first is the base.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
@@ -38,7 +41,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step
 
 
 def build_step(data, backbone_name, alignment_name):
-  config = importlib.import_module(f"configs.{backbone_name}_baby").get_config()
+  config = importlib.import_module(f"configs.{backbone_name}_{_CONFIGS.value}").get_config()
   config.alignment = alignment_name
   backbone = get_backbone(backbone_name)
   alignment = alignment_lib.get_alignment(alignment_name)

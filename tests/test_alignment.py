@@ -365,6 +365,38 @@ def test_fettle_terms_match_numpy_reference(case):
   assert all(abs(float(v)) > 1e-3 for v in terms.values())  # no term is trivially zero
 
 
+def test_unique_items_fill_a_prefix_of_the_buffer():
+  _, _, _, batch = make_problem(seed=6)
+  valid = np.asarray(fettle.unique_batch_items(batch.pos_items, 9).valid)
+  n_valid = int(valid.sum())
+  assert 0 < n_valid < valid.size and valid[:n_valid].all() and not valid[n_valid:].any()
+
+
+def test_bucket_sizes_are_static_and_end_at_capacity():
+  assert fettle.bucket_sizes(1682) == [448, 896, 1682]
+  assert fettle.bucket_sizes(2048) == [512, 1024, 2048]
+  assert fettle.bucket_sizes(9) == [9]
+
+
+# The batch of make_problem(seed=6) holds 5 unique items in 9 slots: each ladder picks a
+# different branch (the 5-slot prefix, a roomier one, or the full buffer as fallback).
+@pytest.mark.parametrize("ladder,case", [((2, 5, 9), "pairwise_batch"),
+                                         ((3, 7, 9), "pairwise_all_negatives"),
+                                         ((1, 2, 9), "bidirectional")])
+def test_bucketed_item_terms_equal_reference_and_full_buffer_gradients(monkeypatch, ladder, case):
+  data_info, reps, features, batch = make_problem(seed=6)
+  cfg = make_config(**CASES[case])
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  grad_fn = lambda: jax.jit(jax.grad(lambda p, r: fettle.loss(p, r, features, batch, None, cfg)[0],
+                                     argnums=(0, 1)))(params, reps)
+  full_grads = grad_fn()  # capacity 9 < 64: one bucket, no switch
+  monkeypatch.setattr(fettle, "bucket_sizes", lambda capacity: list(ladder))
+  _, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+  _, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
+  chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
+  chex.assert_trees_all_close(grad_fn(), full_grads, **TOL)
+
+
 @pytest.mark.parametrize("feature_dims,backbone", [
     ({"audio": 5, "image": 12, "text": 6}, ()),  # four modalities, all projected
     ({"image": 12, "text": 6}, ("image",)),       # backbone's image, projected text

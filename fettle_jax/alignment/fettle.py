@@ -394,6 +394,77 @@ def user_cluster_alignment_loss(user_emb_b: Array, id_item_emb_b: Array, codeboo
                   + code_cross_entropy(user_codes, cluster_prediction(item_scores, temperature)))
 
 
+# ------------------------------------------------------ item-level terms on the unique items
+
+
+class UniqueItemInputs(NamedTuple):
+  """Per-unique-item inputs of ILA, DT and CLA_ITV; valid slots form a prefix (sorted ids)."""
+  embeddings: Array  # [U, |M|, L] i^m
+  scores: Array      # [U, |M|] s_i^m (Eq. 2)
+  valid: Array       # bool [U]
+  ids: Array         # int32 [U] item ids (ILA's positive index under 'all' negatives)
+  mean_users: Array  # [U, L] mean of the item's batch users (normalized for cosine DT)
+
+
+def item_level_terms(params: Params, unique: UniqueItemInputs, all_keys, names: Sequence[str],
+                     cfg) -> Dict[str, Array]:
+  """Unweighted L^ILA, L^DT (Eq. 3-6) and L_ITV^CLA (Eq. 7-8) over the unique items."""
+  zero = jnp.zeros((), unique.embeddings.dtype)
+  terms = {"ila": zero, "dt": zero, "cla_itv": zero}
+  if (cfg.use_ila or cfg.use_dt) and len(names) >= 2:
+    directions = alignment_directions(unique.scores, unique.valid, cfg.directions,
+                                      cfg.bidirectional_threshold)
+    aligned = aligned_item_embeddings(params["alignment_ffn"], unique.embeddings, names)
+    if cfg.use_ila:
+      if all_keys is None:  # 'batch' negatives: the unique items themselves
+        keys, positive, key_mask = (unique.embeddings, jnp.arange(unique.valid.shape[0]),
+                                    unique.valid)
+      else:  # 'all' items (Eq. 4 as written)
+        keys, positive, key_mask = all_keys, unique.ids, None
+      terms["ila"] = item_level_alignment_loss(aligned, keys, positive, key_mask, directions,
+                                               unique.valid, cfg.temperature_feedback)
+    if cfg.use_dt:
+      terms["dt"] = direction_tuning_loss(aligned, unique.mean_users, directions, unique.valid,
+                                          cfg.dt_similarity == "cosine")
+  if cfg.use_cla:
+    terms["cla_itv"] = item_cluster_alignment_loss(
+        unique.embeddings, params["codebook_item"], unique.valid, cfg.temperature_cluster,
+        cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
+  return terms
+
+
+def bucket_sizes(capacity: int, n_buckets: int = 3, multiple: int = 64) -> List[int]:
+  """Static prefix sizes ~capacity/4, ~capacity/2 and capacity, rounded up to `multiple`."""
+  sizes = set()
+  for k in range(n_buckets):
+    size = -(-capacity // 2 ** k)  # ceil(capacity / 2^k)
+    sizes.add(min(-(-size // multiple) * multiple, capacity))
+  return sorted(sizes)
+
+
+def item_level_terms_bucketed(params: Params, unique: UniqueItemInputs, all_keys,
+                              names: Sequence[str], cfg, sizes: Sequence[int] = None):
+  """item_level_terms on the smallest static prefix that holds every valid unique item.
+
+  The buffer has U = min(B, n_items) slots, but a batch usually fills far fewer (ml100k:
+  ~745 of 1682), and ILA's [U, U] logits cost O(U^2). Valid slots are a prefix, padding
+  slots are masked out of every term, so the terms on a prefix holding all valid slots
+  equal the full-buffer terms exactly; `lax.switch` runs only the chosen size's branch.
+  """
+  capacity = unique.valid.shape[0]
+  sizes = bucket_sizes(capacity) if sizes is None else sorted(sizes)
+  if len(sizes) == 1:
+    return item_level_terms(params, unique, all_keys, names, cfg)
+  n_valid = jnp.sum(unique.valid.astype(jnp.int32))
+  index = jnp.sum(n_valid > jnp.asarray(sizes[:-1]))  # first size >= n_valid
+
+  def branch(size):
+    prefix = jax.tree_util.tree_map(lambda x: x[:size], unique)
+    return lambda p, keys: item_level_terms(p, prefix, keys, names, cfg)
+
+  return jax.lax.switch(index, [branch(size) for size in sizes], params, all_keys)
+
+
 # --------------------------------------------------------------------------- plug-in API
 
 
@@ -426,42 +497,25 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   if cfg.ila_negatives not in ("batch", "all"):
     raise ValueError(f"fettle.ila_negatives must be 'batch' or 'all', got {cfg.ila_negatives!r}")
   names = modality_names(params["projectors"])
-  n_modalities = len(names)
   pair_embs = batch_modality_embeddings(params["projectors"], reps, features, batch.pos_items,
                                         names, cfg.use_backbone_modalities)  # [B, |M|, L]
   user_emb_b = reps.users[batch.users]
   scores, items = estimated_feedback(user_emb_b, pair_embs, batch.pos_items, reps.items.shape[0])
-  item_embs = pair_embs[items.first_index]  # [U=B, |M|, L], one row per unique item
-  zero = jnp.zeros((), pair_embs.dtype)
-  terms = {"ila": zero, "dt": zero, "cla_itv": zero, "cla_ui": zero}
-
-  if (cfg.use_ila or cfg.use_dt) and n_modalities >= 2:
-    directions = alignment_directions(scores, items.valid, cfg.directions,
-                                      cfg.bidirectional_threshold)
-    aligned = aligned_item_embeddings(params["alignment_ffn"], item_embs, names)
-    if cfg.use_ila:
-      if cfg.ila_negatives == "batch":
-        keys, positive, key_mask = item_embs, jnp.arange(item_embs.shape[0]), items.valid
-      else:  # 'all' (validated above)
-        keys = all_item_modality_embeddings(params["projectors"], reps, features, names,
+  users_for_dt = l2_normalize(user_emb_b) if cfg.dt_similarity == "cosine" else user_emb_b
+  unique = UniqueItemInputs(
+      embeddings=pair_embs[items.first_index],  # [U, |M|, L], one row per unique item
+      scores=scores, valid=items.valid, ids=items.ids,
+      mean_users=segment_mean(users_for_dt, items.inverse, items.counts))
+  all_keys = None
+  if cfg.use_ila and cfg.ila_negatives == "all":
+    all_keys = all_item_modality_embeddings(params["projectors"], reps, features, names,
                                             cfg.use_backbone_modalities)
-        positive, key_mask = items.ids, None
-      terms["ila"] = item_level_alignment_loss(aligned, keys, positive, key_mask, directions,
-                                               items.valid, cfg.temperature_feedback)
-    if cfg.use_dt:
-      cosine = cfg.dt_similarity == "cosine"
-      users_for_dt = l2_normalize(user_emb_b) if cosine else user_emb_b
-      mean_user_emb = segment_mean(users_for_dt, items.inverse, items.counts)
-      terms["dt"] = direction_tuning_loss(aligned, mean_user_emb, directions, items.valid,
-                                          cosine)
-
+  terms = item_level_terms_bucketed(params, unique, all_keys, names, cfg)
+  terms["cla_ui"] = jnp.zeros((), pair_embs.dtype)
   if cfg.use_cla:
-    sinkhorn = dict(temperature=cfg.temperature_cluster, n_iterations=cfg.sinkhorn_iterations,
-                    epsilon=cfg.sinkhorn_epsilon)
-    terms["cla_itv"] = item_cluster_alignment_loss(item_embs, params["codebook_item"],
-                                                   items.valid, **sinkhorn)
-    terms["cla_ui"] = user_cluster_alignment_loss(user_emb_b, pair_embs[:, 0],
-                                                  params["codebook_user"], **sinkhorn)
+    terms["cla_ui"] = user_cluster_alignment_loss(
+        user_emb_b, pair_embs[:, 0], params["codebook_user"], cfg.temperature_cluster,
+        cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
 
   total = (cfg.alpha * (terms["cla_ui"] + terms["cla_itv"])
            + cfg.beta * (terms["ila"] + terms["dt"]))
