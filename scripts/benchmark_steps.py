@@ -3,11 +3,11 @@
   python scripts/benchmark_steps.py --data=/tmp/baby_twin [--backbones=bpr,lightgcn,vbpr,freedom]
 
 Make the data with `python -m data_pipeline.synthetic --like baby --out /tmp/baby_twin`
-(paper-scale: 19,445 users, 7,050 items, 4096-d image + 384-d text). For ml100k:
-`--data=~/.cache/fettle_jax/ml100k --configs=ml100k` (after one `python run.py`). Each row times the
-same compiled train step (forward, backward, Adam), scanned over --steps fresh batches as
-in a training epoch, after one warm-up call; rounds alternate between variants so machine
-noise hits them alike.
+(paper-scale: 19,445 users, 7,050 items, 4096-d image + 384-d text); for ml100k pass
+`--data=~/.cache/fettle_jax/ml100k --configs=ml100k` (prepared by one `python run.py`).
+Each row times the same compiled train step (forward, backward, Adam), scanned over
+--steps fresh batches as in a training epoch, after one warm-up call; rounds alternate
+between variants so machine noise hits them alike.
 """
 
 import functools
