@@ -373,8 +373,8 @@ def test_unique_items_fill_a_prefix_of_the_buffer():
 
 
 def test_bucket_sizes_are_static_and_end_at_capacity():
-  assert fettle.bucket_sizes(1682) == [448, 896, 1682]
-  assert fettle.bucket_sizes(2048) == [512, 1024, 2048]
+  assert fettle.bucket_sizes(1682) == [448, 896, 1280, 1682]
+  assert fettle.bucket_sizes(2048) == [512, 1024, 1536, 2048]
   assert fettle.bucket_sizes(9) == [9]
 
 
