@@ -13,8 +13,9 @@
    the best *validation* epoch.
 
 Every run lives in its own folder under --out, named by its settings; a finished run is
-reused, so the script resumes where it stopped and several processes (e.g. one per
---backbones) can share one --out.
+reused, so the script resumes where it stopped. Several processes may share one --out:
+each claims a run before training it and skips runs claimed by another live process (run
+the script once more, or with --only_table, to collect them).
 """
 
 import importlib
@@ -22,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -77,11 +79,31 @@ def setting_tag(setting):
   return "_".join(f"{SHORT[k]}{setting[k]:g}" for k in GRID)
 
 
-def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs):
-  """Trains one run unless its metrics.json exists; returns the metrics (None if absent)."""
+def claim(workdir):
+  """True if this process may train `workdir`: no other live process of ours holds it."""
+  os.makedirs(workdir, exist_ok=True)
+  claim_file = os.path.join(workdir, "claimed_by_pid")
+  if os.path.exists(claim_file):
+    with open(claim_file) as f:
+      pid = int(f.read().strip() or 0)
+    if pid != os.getpid() and os.path.exists(f"/proc/{pid}"):
+      return False  # a live process trains it; this pass skips the run
+  with open(claim_file, "w") as f:
+    f.write(str(os.getpid()))
+  return True
+
+
+def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs, wait=False):
+  """Trains one run unless its metrics.json exists; returns the metrics (None if absent).
+
+  A run that another live process is training is skipped (None), or with `wait` (tuning
+  needs the value) polled until it finishes. Interrupted runs resume from their checkpoint.
+  """
   metrics_file = os.path.join(workdir, "metrics.json")
+  while wait and not os.path.exists(metrics_file) and not claim(workdir):
+    time.sleep(30)
   if not os.path.exists(metrics_file):
-    if _ONLY_TABLE.value:
+    if _ONLY_TABLE.value or not claim(workdir):
       return None
     config = importlib.import_module(f"configs.{backbone}_ml100k").get_config()
     config.alignment = alignment
@@ -104,7 +126,8 @@ def tune(backbone, lines):
     for value in values:
       setting = dict(best, **{key: value})
       workdir = os.path.join(_OUT.value, "tune", f"{backbone}_{setting_tag(setting)}")
-      result = run(workdir, backbone, "fettle", setting, 0, _TUNE_MAX_EPOCHS.value)
+      result = run(workdir, backbone, "fettle", setting, 0, _TUNE_MAX_EPOCHS.value,
+                   wait=not _ONLY_TABLE.value)
       if result is None:  # --only_table and not trained yet
         return None
       valid = result["valid"]["recall@20"]
