@@ -13,4 +13,8 @@ from configs import base
 def get_config():
   config = base.get_config()
   config.model = "bpr"
-  return base.use_ml100k(config)
+  config = base.use_ml100k(config)
+  # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
+  config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.1,
+                       temperature_cluster=0.05)
+  return config
