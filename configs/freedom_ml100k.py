@@ -2,8 +2,8 @@
 
   python run.py --config=configs/freedom_ml100k.py [--config.alignment=fettle|bm3]
 
-Measured 2026-11-27 (seed 0, alignment none): test Recall@20 0.1671;
-scripts/ml100k_table.py makes the full table (RESULTS.md).
+Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
+scripts/ml100k_table.py.
 """
 
 from configs import base
