@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
-_OUT = flags.DEFINE_string("out", "runs/ml100k_table", "Folder for runs, tuning.md, table.md.")
+_OUT = flags.DEFINE_string("out", "runs/ml100k_table",
+                           "Folder for runs, tuning_*.md and table_*.md.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per table cell.")
 _BACKBONES = flags.DEFINE_list("backbones", ["bpr", "lightgcn", "vbpr", "freedom"], "Backbones.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 1000, "Upper bound on epochs per table run.")
