@@ -4,7 +4,7 @@
 
 1. Tuning (validation only, seed 0): for each backbone, a coordinate search over the
    paper's grids (Sec 4.1), starting at the paper's best FREEDOM/Baby setting (Sec 4.6):
-   beta, then alpha, then (FREEDOM only) lambda_f and lambda_c; each coordinate keeps the
+   beta, then alpha, then lambda_f, then lambda_c; each coordinate keeps the
    value with the best validation Recall@20. Tuning runs stop at --tune_max_epochs.
    Writes `tuning_<backbones>.md`.
 2. Table: every (backbone, variant, seed) cell trained to early stop with
@@ -54,10 +54,6 @@ GRID = {
     "temperature_feedback": (0.1, 0.2, 0.3),
     "temperature_cluster": (0.05, 0.1, 0.15),
 }
-# The CPU budget of one session (a FETTLE epoch costs ~1.5 s here) allows the temperature
-# coordinates only on FREEDOM, the subject of the paper's own sensitivity study (Fig. 8,
-# which finds FETTLE insensitive to them); other backbones keep the paper's best.
-TEMPERATURES_TUNED_ON = ("freedom",)
 PAPER_BEST = {"beta": 1e-3, "alpha": 1e-3, "temperature_feedback": 0.1,
               "temperature_cluster": 0.05}
 SHORT = {"beta": "b", "alpha": "a", "temperature_feedback": "tf", "temperature_cluster": "tc"}
@@ -126,8 +122,6 @@ def tune(backbone, lines):
   """Coordinate search on validation Recall@20 (seed 0); returns the chosen setting."""
   best, best_value = dict(PAPER_BEST), None
   for key, values in GRID.items():
-    if key.startswith("temperature") and backbone not in TEMPERATURES_TUNED_ON:
-      continue
     for value in values:
       setting = dict(best, **{key: value})
       workdir = os.path.join(_OUT.value, "tune", f"{backbone}_{setting_tag(setting)}")
