@@ -301,3 +301,12 @@ def test_tiny_end_to_end_training(tiny_mmrec, tmp_path, config_module, alignment
   assert result["epochs"] == 2
   assert all(np.isfinite(h["loss"]) for h in result["history"])
   assert 0.0 <= result["test"]["recall@20"] <= 1.0
+
+
+def test_freedom_baby_config_is_freedom_with_fettle_at_paper_setting():
+  # `python run.py --config=configs/freedom_baby.py` is the paper's FREEDOM+FETTLE (Sec 4.6).
+  config = freedom_baby.get_config()
+  assert (config.model, config.alignment) == ("freedom", "fettle")
+  assert (config.fettle.beta, config.fettle.alpha) == (1e-3, 1e-3)
+  assert (config.fettle.temperature_feedback, config.fettle.temperature_cluster) == (0.1, 0.05)
+  assert (config.fettle.prototypes_item, config.fettle.prototypes_user) == (10240, 20480)
