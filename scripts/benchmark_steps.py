@@ -5,9 +5,10 @@
 Make the data with `python -m data_pipeline.synthetic --like baby --out /tmp/baby_twin`
 (paper-scale: 19,445 users, 7,050 items, 4096-d image + 384-d text); for ml100k pass
 `--data=~/.cache/fettle_jax/ml100k --configs=ml100k` (prepared by one `python run.py`).
-Each row times the same compiled train step (forward, backward, Adam), scanned over
---steps fresh batches as in a training epoch, after one warm-up call; rounds alternate
-between variants so machine noise hits them alike.
+`--prototypes=2560,640` adds FETTLE rows at smaller codebooks. Each row times the same
+compiled train step (forward, backward, Adam), scanned over --steps fresh batches as in a
+training epoch, after one warm-up call; rounds alternate between variants so machine noise
+hits them alike.
 """
 
 import functools
@@ -36,13 +37,20 @@ _CONFIGS = flags.DEFINE_enum("configs", "baby", ["baby", "ml100k"],
                               "Config family: configs/<backbone>_<configs>.py.")
 _BACKBONES = flags.DEFINE_list("backbones", ["bpr", "lightgcn", "vbpr", "freedom"], "Backbones.")
 _ALIGNMENTS = flags.DEFINE_list("alignments", ["none", "fettle"], "Variants; the first is the base.")
+_PROTOTYPES = flags.DEFINE_list(
+    "prototypes", [], "Extra FETTLE rows at these P_ITV (P_UI = 2 P_ITV), e.g. 2560,640: "
+    "how the cost scales with the codebooks.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step time is reported.")
 
 
-def build_step(data, backbone_name, alignment_name):
+def build_step(data, backbone_name, variant):
+  """variant: an alignment name, or 'fettle@P' for FETTLE with P_ITV = P, P_UI = 2P."""
   config = importlib.import_module(f"configs.{backbone_name}_{_CONFIGS.value}").get_config()
+  alignment_name, _, prototypes = variant.partition("@")
   config.alignment = alignment_name
+  if prototypes:
+    config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
   backbone = get_backbone(backbone_name)
   alignment = alignment_lib.get_alignment(alignment_name)
   info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
@@ -88,7 +96,8 @@ def main(argv):
   print(data.summary())
   print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus")
   for backbone_name in _BACKBONES.value:
-    entries = {a: build_step(data, backbone_name, a) for a in _ALIGNMENTS.value}
+    variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
+    entries = {v: build_step(data, backbone_name, v) for v in variants}
     times = {a: [] for a in entries}
     for name, entry in entries.items():
       run_steps(entry, _STEPS.value, 0)  # compile (same static shapes as the timed calls)
