@@ -18,6 +18,6 @@ def get_config():
   # (seen on validation with patience 20: seeds stopped at epochs 18-52, one ran to 263).
   config.patience = 50
   # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
-  config.fettle.update(beta=0.001, alpha=0.0001, temperature_feedback=0.1,
+  config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.2,
                        temperature_cluster=0.05)
   return config
