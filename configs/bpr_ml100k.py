@@ -15,6 +15,6 @@ def get_config():
   config.model = "bpr"
   config = base.use_ml100k(config)
   # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
-  config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.1,
-                       temperature_cluster=0.05)
+  config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.2,
+                       temperature_cluster=0.1)
   return config
