@@ -24,8 +24,9 @@ Choices where the paper is ambiguous (each also noted at the code):
   (`dt_similarity`): the printed u^T i^{m->n} is unbounded and diverged in our runs.
 """
 
+import functools
 import itertools
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 
 ID_MODALITY = "id"
 _NORM_EPS = 1e-12
+_MASKED_LOGIT = -1e30  # a key left out of a softmax: exp(-1e30 / T) == 0 in float32
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -222,17 +224,43 @@ def alignment_directions(scores: Array, valid: Array, mode: str,
 # ------------------------------------------------------------------ Eq. 3, 4, 6: ILA and DT
 
 
-def aligned_item_embeddings(ffn_params: dict, item_emb_by_modality: Array,
-                            names: Sequence[str]) -> Array:
-  """[U, |M|, |M|, L] with [:, m, n] = i^{m->n} (Eq. 3); the diagonal holds i^m unchanged."""
-  n_modalities = len(names)
-  rows = []
-  for m in range(n_modalities):
-    source = item_emb_by_modality[:, m]
-    rows.append(jnp.stack([
-        source if m == n else residual_ffn(ffn_params[direction_name(names, m, n)], source)
-        for n in range(n_modalities)], axis=1))
-  return jnp.stack(rows, axis=1)
+class DirectionQueries(NamedTuple):
+  """The aligned embeddings i^{m->n} that the item-level terms actually use, grouped by
+  unordered modality pair: row r holds, for every item, one direction of pair (m_r, n_r).
+
+  Under 'pairwise' (and 'topmost') an item has at most one direction per unordered pair,
+  so one row per pair suffices; only bidirectional alignment (Sec 4.4) adds a second row
+  per pair for the reverse direction. Computing just these (instead of all |M|(|M|-1)
+  ordered directions and masking half away) halves ILA's [U, K] logits.
+  """
+  queries: Array     # [R, U, L] i^{m->n} of the chosen direction (Eq. 3)
+  to_second: Array   # bool [R, U]: the direction is m_r -> n_r (target n_r), else n_r -> m_r
+  active: Array      # bool [R, U]: the item has this direction
+  pairs: Tuple[Tuple[int, int], ...]  # static (m_r, n_r), m_r < n_r
+
+
+def direction_queries(ffn_params: dict, item_emb_by_modality: Array, directions: Array,
+                      names: Sequence[str], both_ways: bool) -> DirectionQueries:
+  """i^{m->n} = i^m + f^{m->n}(i^m) (Eq. 3) for the directions of `directions` [U, |M|, |M|].
+
+  both_ways: a pair may hold both directions (bidirectional alignment); adds reverse rows.
+  """
+  queries, to_second, active, pairs = [], [], [], []
+  for m, n in itertools.combinations(range(len(names)), 2):
+    forward = residual_ffn(ffn_params[direction_name(names, m, n)], item_emb_by_modality[:, m])
+    backward = residual_ffn(ffn_params[direction_name(names, n, m)], item_emb_by_modality[:, n])
+    m_to_n, n_to_m = directions[:, m, n], directions[:, n, m]
+    queries.append(jnp.where(m_to_n[:, None], forward, backward))
+    to_second.append(m_to_n)
+    active.append(m_to_n | n_to_m)
+    pairs.append((m, n))
+    if both_ways:  # the reverse n -> m of items that align both ways
+      queries.append(backward)
+      to_second.append(jnp.zeros_like(m_to_n))
+      active.append(m_to_n & n_to_m)
+      pairs.append((m, n))
+  return DirectionQueries(jnp.stack(queries), jnp.stack(to_second), jnp.stack(active),
+                          tuple(pairs))
 
 
 def info_nce_loss(queries: Array, keys: Array, positive_index: Array, key_mask: Array,
@@ -245,31 +273,45 @@ def info_nce_loss(queries: Array, keys: Array, positive_index: Array, key_mask: 
   return jax.nn.logsumexp(logits, axis=1) - positive
 
 
-def item_level_alignment_loss(aligned: Array, target_keys: Array, positive_index: Array,
-                              key_mask: Array, directions: Array, valid: Array,
+def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
+                              positive_index: Array, key_mask: Array, valid: Array,
                               temperature: float) -> Array:
   """L^ILA (Eq. 4): InfoNCE from i^{m->n} to sg(i^n) over the negatives j in `target_keys`.
 
-  aligned [U, |M|, |M|, L]; target_keys [K, |M|, L] (K = the batch's unique items or all
-  items) with positive_index [U] into K and key_mask [K] (None = all keys real).
-  Eq. 4 drops the minus sign; we minimize -log softmax. Per item: average over its
-  directions ("avg_{m->n}"); then the mean (not the printed sum) over the valid items.
+  target_keys [K, |M|, L] (K = the batch's unique items or all items) with positive_index
+  [U] into K and key_mask [K] (None = all keys real). Eq. 4 drops the minus sign; we
+  minimize -log softmax. Per item: average over its directions ("avg_{m->n}"); then the
+  mean (not the printed sum) over the valid items.
+
+  A row of pair (m, n) targets n or m per item. With the query's unit vector q and the
+  flag t (target n), [t q, (1 - t) q] . [k^n, k^m] = q . k^target: one [U, 2L] x [2L, K]
+  product per pair gives every item its own target's logits (zeros add exactly).
   """
-  n_modalities = aligned.shape[1]
-  targets = jax.lax.stop_gradient(target_keys)  # sg(j^n): only the source m moves (one-way)
-  per_direction = jnp.zeros(directions.shape, aligned.dtype)
-  for m, n in ordered_pairs(n_modalities):
-    nce = info_nce_loss(aligned[:, m, n], targets[:, n], positive_index, key_mask, temperature)
-    per_direction = per_direction.at[:, m, n].set(nce)
-  # `where`, not a product: a padding slot's positive key is masked, so its NCE is +inf.
-  n_directions = jnp.sum(directions.astype(aligned.dtype), axis=(1, 2))
-  per_item = (jnp.sum(jnp.where(directions, per_direction, 0.0), axis=(1, 2))
+  keys = l2_normalize(jax.lax.stop_gradient(target_keys))  # sg(j^n): only the source moves
+  # A masked key gets logit -1e30 / T from one extra coordinate (query 1, key -1e30), so
+  # its exp is exactly 0 as with -inf, without a masking pass over the [U, K] logits.
+  bias = jnp.zeros(keys.shape[:1] + (1,), keys.dtype)
+  if key_mask is not None:
+    bias = jnp.where(key_mask[:, None], bias, _MASKED_LOGIT)
+  unit = l2_normalize(directed.queries)
+  ones = jnp.ones(unit.shape[1:2] + (1,), unit.dtype)
+  nce = []
+  for r, (m, n) in enumerate(directed.pairs):
+    pair_keys = jnp.concatenate([keys[:, n], keys[:, m], bias], axis=-1)  # [K, 2L + 1]
+    flag = directed.to_second[r][:, None].astype(unit.dtype)
+    pair_queries = jnp.concatenate([unit[r] * flag, unit[r] * (1.0 - flag), ones], axis=-1)
+    logits = pair_queries @ pair_keys.T / temperature  # [U, K]
+    positive = jnp.sum(pair_queries * pair_keys[positive_index], axis=-1) / temperature
+    nce.append(jax.nn.logsumexp(logits, axis=-1) - positive)
+  nce = jnp.stack(nce)  # [R, U]
+  n_directions = jnp.sum(directed.active.astype(nce.dtype), axis=0)
+  per_item = (jnp.sum(jnp.where(directed.active, nce, 0.0), axis=0)
               / jnp.maximum(n_directions, 1.0))
   return masked_mean(per_item, valid & (n_directions > 0))
 
 
-def direction_tuning_loss(aligned: Array, mean_user_emb: Array, directions: Array,
-                          valid: Array, cosine: bool = False) -> Array:
+def direction_tuning_loss(directed: DirectionQueries, mean_user_emb: Array, valid: Array,
+                          n_modalities: int, cosine: bool = False) -> Array:
   """L^DT (Eq. 6) = -1/(|M|(|M|-1)|I|) sum_{m,n} sum_{i in D^{m->n}} avg_{(u,i) in B} u^T i^{m->n}.
 
   avg over the item's batch users of u^T i^{m->n} equals mean_user_emb_i^T i^{m->n};
@@ -279,13 +321,12 @@ def direction_tuning_loss(aligned: Array, mean_user_emb: Array, directions: Arra
   FREEDOM the literal form drove L^DT to -1.5e6 within 20 epochs); the cosine tunes the
   *direction*, which is what Sec 3.2 motivates.
   """
-  n_modalities = aligned.shape[1]
-  if cosine:
-    aligned = l2_normalize(aligned)
-  preference = jnp.einsum("ul,umnl->umn", mean_user_emb, aligned)
-  mask = directions & valid[:, None, None]
+  aligned = l2_normalize(directed.queries) if cosine else directed.queries
+  preference = jnp.einsum("ul,rul->ru", mean_user_emb, aligned)
+  mask = directed.active & valid[None, :]
   n_items = jnp.maximum(jnp.sum(valid.astype(aligned.dtype)), 1.0)
-  return -jnp.sum(jnp.where(mask, preference, 0.0)) / (n_modalities * (n_modalities - 1) * n_items)
+  return (-jnp.sum(jnp.where(mask, preference, 0.0))
+          / (n_modalities * (n_modalities - 1) * n_items))
 
 
 # ---------------------------------------------------------------- Eq. 7-9: cluster alignment
@@ -300,13 +341,17 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   valid sample's code sums to 1. Masked samples get zero mass and are left out of every
   marginal (n_valid counts only real samples). Callers stop gradients (codes are targets).
 
+  `sample_mask` may also hold counts: a row with count c stands for c identical samples
+  (a batch's repeated user or item), which is exactly Sinkhorn over the repeated rows
+  (identical rows get identical scalings), with n_valid = the sum of the counts.
+
   Eq. 7's form diag(r) K diag(s) is kept literally: the loop updates only the scaling
   vectors (two matrix-vector products per round, no [n, P] writes), and the codes
   r_i K_ip s_p are formed once at the end, where XLA fuses them into their consumer.
-  Subtracting the global max score first is a scalar rescaling (undone exactly by the
-  normalizations) that keeps every exp in (0, 1]; scores are cosines in [-1, 1], so entries
-  stay >= exp(-2 / eps), far above float32 underflow for eps >= 0.03; the tiny floors
-  only guard the degenerate case.
+  Scores are cosines in [-1, 1] (larger values are clipped to 1): shifting them by the
+  bound 1 is a scalar rescaling of K (undone exactly by the normalizations) that keeps
+  every exp in [exp(-2 / eps), 1], far above float32 underflow for eps >= 0.03, and needs
+  no pass over [n, P] to find the max. The tiny floors only guard the degenerate case.
   """
   n_samples, _ = scores.shape
   if sample_mask is None:
@@ -315,8 +360,7 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   n_prototypes = scores.shape[1]
   n_valid = jnp.maximum(jnp.sum(weight), 1.0)
   tiny = jnp.finfo(scores.dtype).tiny
-  top = jnp.max(jnp.where(sample_mask[:, None], scores, -jnp.inf))
-  kernel = jnp.exp((jnp.minimum(scores, top) - top) / epsilon)  # K, [n, P]
+  kernel = jnp.exp((jnp.minimum(scores, 1.0) - 1.0) / epsilon)  # K, [n, P]
 
   def normalize_round(_, scalings):
     r, _ = scalings
@@ -326,11 +370,12 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
 
   r, s = jax.lax.fori_loop(0, n_iterations, normalize_round,
                            (weight, jnp.ones((n_prototypes,), scores.dtype)))
-  return (r * n_valid)[:, None] * kernel * s[None, :]
+  per_sample = jnp.where(weight > 0, r * n_valid / jnp.maximum(weight, tiny), 0.0)
+  return per_sample[:, None] * kernel * s[None, :]
 
 
 def prototype_scores(embeddings: Array, codebook: Array) -> Array:
-  """Cosine of each embedding with each prototype column c_p: [n, L] x [L, P] -> [n, P]."""
+  """Cosine of each embedding with each prototype column c_p: [..., L] x [L, P] -> [..., P]."""
   return l2_normalize(embeddings) @ l2_normalize(codebook, axis=0)
 
 
@@ -338,6 +383,13 @@ def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
                   epsilon: float) -> Array:
   """Sinkhorn codes as fixed targets: no gradient flows into q (SwAV)."""
   return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask)
+
+
+def stacked_cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
+                          epsilon: float) -> Array:
+  """cluster_codes of each [n, P] slice of [G, n, P] scores: a separate Sinkhorn per group."""
+  codes = functools.partial(cluster_codes, n_iterations=n_iterations, epsilon=epsilon)
+  return jax.vmap(codes, in_axes=(0, None))(scores, sample_mask)
 
 
 class ClusterPrediction(NamedTuple):
@@ -369,18 +421,18 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   item_emb_by_modality [U, |M|, L] for the batch's unique items, one shared codebook
   C^ITV [L, P]. Codes come from a separate Sinkhorn per modality over the valid items.
   Per item: sum over unordered pairs {m, n} of [CE(q^n, i^m) + CE(q^m, i^n)]; mean over
-  valid items (1/|I|).
+  valid items (1/|I|). CE is linear in the code, so the pairs regroup per predicting
+  modality m as CE(sum_{n != m} q^n, i^m): |M| cross-entropies instead of |M|(|M|-1), and
+  all modalities meet the codebook in one [|M| U, L] x [L, P] product.
   """
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
     return jnp.zeros((), item_emb_by_modality.dtype)
   scores = [prototype_scores(item_emb_by_modality[:, m], codebook) for m in range(n_modalities)]
   codes = [cluster_codes(s, valid, n_iterations, epsilon) for s in scores]
-  predictions = [cluster_prediction(s, temperature) for s in scores]
-  per_item = 0.0
-  for m, n in itertools.combinations(range(n_modalities), 2):
-    per_item = (per_item + code_cross_entropy(codes[n], predictions[m])
-                + code_cross_entropy(codes[m], predictions[n]))
+  all_codes = sum(codes)
+  per_item = sum(code_cross_entropy(all_codes - codes[m], cluster_prediction(scores[m], temperature))
+                 for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
 
@@ -388,51 +440,125 @@ def user_cluster_alignment_loss(user_emb_b: Array, id_item_emb_b: Array, codeboo
                                 temperature: float, n_iterations: int,
                                 epsilon: float) -> Array:
   """L_UI^CLA (Eq. 9): -1/|B| sum_{(u,i) in B} [CE(q^i, u) + CE(q^u, i^ID)] with codebook C^UI."""
-  user_scores = prototype_scores(user_emb_b, codebook)
-  item_scores = prototype_scores(id_item_emb_b, codebook)
-  user_codes = cluster_codes(user_scores, None, n_iterations, epsilon)
-  item_codes = cluster_codes(item_scores, None, n_iterations, epsilon)
-  return jnp.mean(code_cross_entropy(item_codes, cluster_prediction(user_scores, temperature))
-                  + code_cross_entropy(user_codes, cluster_prediction(item_scores, temperature)))
+  pairs = ClusterSide(user_emb_b, None, None)
+  return grouped_user_cluster_alignment_loss(pairs, pairs._replace(embeddings=id_item_emb_b),
+                                             codebook, temperature, n_iterations, epsilon)
 
 
-# ------------------------------------------------------ item-level terms on the unique items
+class ClusterSide(NamedTuple):
+  """One side (users or items) of the batch's pairs in L_UI^CLA, as rows.
+
+  of_pair None: row b is pair b. Otherwise rows are the side's unique ids (a batch's
+  repeated user or item meets the codebook once) and pair b is row of_pair[b].
+  """
+  embeddings: Array  # [n_rows, L]
+  of_pair: Any       # int32 [B] or None
+  counts: Any        # int32 [n_rows] pairs per row (0 = padding), or None
 
 
-class UniqueItemInputs(NamedTuple):
-  """Per-unique-item inputs of ILA, DT and CLA_ITV; valid slots form a prefix (sorted ids)."""
-  embeddings: Array  # [U, |M|, L] i^m
-  scores: Array      # [U, |M|] s_i^m (Eq. 2)
-  valid: Array       # bool [U]
-  ids: Array         # int32 [U] item ids (ILA's positive index under 'all' negatives)
-  mean_users: Array  # [U, L] mean of the item's batch users (normalized for cosine DT)
+def _pair_codes(codes: Array, side: ClusterSide) -> Array:
+  """The code of each pair's row, [B, P]."""
+  return codes if side.of_pair is None else codes[side.of_pair]
 
 
-def item_level_terms(params: Params, unique: UniqueItemInputs, all_keys, names: Sequence[str],
-                     cfg) -> Dict[str, Array]:
-  """Unweighted L^ILA, L^DT (Eq. 3-6) and L_ITV^CLA (Eq. 7-8) over the unique items."""
-  zero = jnp.zeros((), unique.embeddings.dtype)
-  terms = {"ila": zero, "dt": zero, "cla_itv": zero}
-  if (cfg.use_ila or cfg.use_dt) and len(names) >= 2:
-    directions = alignment_directions(unique.scores, unique.valid, cfg.directions,
-                                      cfg.bidirectional_threshold)
-    aligned = aligned_item_embeddings(params["alignment_ffn"], unique.embeddings, names)
-    if cfg.use_ila:
-      if all_keys is None:  # 'batch' negatives: the unique items themselves
-        keys, positive, key_mask = (unique.embeddings, jnp.arange(unique.valid.shape[0]),
-                                    unique.valid)
-      else:  # 'all' items (Eq. 4 as written)
-        keys, positive, key_mask = all_keys, unique.ids, None
-      terms["ila"] = item_level_alignment_loss(aligned, keys, positive, key_mask, directions,
-                                               unique.valid, cfg.temperature_feedback)
-    if cfg.use_dt:
-      terms["dt"] = direction_tuning_loss(aligned, unique.mean_users, directions, unique.valid,
-                                          cfg.dt_similarity == "cosine")
-  if cfg.use_cla:
-    terms["cla_itv"] = item_cluster_alignment_loss(
-        unique.embeddings, params["codebook_item"], unique.valid, cfg.temperature_cluster,
-        cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
-  return terms
+def _summed_over_rows(pair_values: Array, side: ClusterSide) -> Array:
+  """sum over the pairs of each row: [B, P] -> [n_rows, P]."""
+  if side.of_pair is None:
+    return pair_values
+  return jax.ops.segment_sum(pair_values, side.of_pair, num_segments=side.counts.shape[0])
+
+
+def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, codebook: Array,
+                                        temperature: float, n_iterations: int,
+                                        epsilon: float) -> Array:
+  """L_UI^CLA (Eq. 9) with each side on pair rows or on its unique rows.
+
+  On unique rows, Sinkhorn weighs a row by its number of pairs (= Sinkhorn over the
+  repeated rows), and a row's cross-entropy takes the sum of its pairs' partner codes
+  (CE is linear in the code): sum_b CE(q^{i_b}, u_b) = sum_v CE(sum_{b: u_b = v} q^{i_b}, v).
+  Exact; cuts the [rows, P] work where the batch repeats users or items.
+  """
+  def side_terms(side):
+    scores = prototype_scores(side.embeddings, codebook)
+    codes = cluster_codes(scores, side.counts, n_iterations, epsilon)
+    return cluster_prediction(scores, temperature), codes
+
+  user_prediction, user_codes = side_terms(users)
+  item_prediction, item_codes = side_terms(items)
+  user_targets = _summed_over_rows(_pair_codes(item_codes, items), users)
+  item_targets = _summed_over_rows(_pair_codes(user_codes, users), items)
+  n_pairs = (users.of_pair if users.of_pair is not None else users.embeddings).shape[0]
+  return (jnp.sum(code_cross_entropy(user_targets, user_prediction))
+          + jnp.sum(code_cross_entropy(item_targets, item_prediction))) / n_pairs
+
+
+# ------------------------------------------------------------ all terms on the unique items
+
+TERMS = ("ila", "dt", "cla_itv", "cla_ui")
+
+
+class TermInputs(NamedTuple):
+  """What the terms differentiate; item rows are the batch's unique-item slots."""
+  embeddings: Array       # [U, |M|, L] i^m
+  mean_users: Array       # [U, L] mean of the item's batch users (normalized for cosine DT)
+  users: Array            # [V, L] the batch's users: unique rows, or one row per pair
+  ffn: dict               # the residual FFNs f^{m->n}
+  codebook_item: Array    # C^ITV [L, P_ITV]
+  codebook_user: Array    # C^UI [L, P_UI]
+
+
+class TermIndex(NamedTuple):
+  """What the terms only read. Valid item slots form a prefix (ids are sorted)."""
+  scores: Array          # [U, |M|] s_i^m (Eq. 2)
+  valid: Array           # bool [U]
+  ids: Array             # int32 [U] item ids (ILA's positive index under 'all' negatives)
+  item_counts: Array     # int32 [U] pairs per item slot
+  item_of_pair: Array    # int32 [B] pair -> item slot
+  user_counts: Any       # int32 [V] pairs per user row, or None (rows are the pairs)
+  user_of_pair: Any      # int32 [B] pair -> user row, or None
+  all_keys: Any          # [n_items, |M|, L] i^m of every item ('all' negatives), or None
+
+
+def enabled_terms(n_modalities: int, cfg) -> List[str]:
+  switches = {"ila": cfg.use_ila, "dt": cfg.use_dt, "cla_itv": cfg.use_cla,
+              "cla_ui": cfg.use_cla}
+  item_level = n_modalities >= 2  # ILA, DT and CLA_ITV pair modalities
+  return [name for name in TERMS if switches[name] and (item_level or name == "cla_ui")]
+
+
+def alignment_term(name: str, inputs: TermInputs, index: TermIndex, names: Sequence[str],
+                   cfg, unique_item_rows: bool) -> Array:
+  """One unweighted term: L^ILA, L^DT (Eq. 3-6), L_ITV^CLA (Eq. 7-8) or L_UI^CLA (Eq. 9).
+
+  unique_item_rows: L_UI^CLA's item side on the unique items (else one row per pair).
+  """
+  if name == "cla_ui":
+    users = ClusterSide(inputs.users, index.user_of_pair, index.user_counts)
+    if unique_item_rows:
+      items = ClusterSide(inputs.embeddings[:, 0], index.item_of_pair, index.item_counts)
+    else:
+      items = ClusterSide(inputs.embeddings[index.item_of_pair, 0], None, None)
+    return grouped_user_cluster_alignment_loss(
+        users, items, inputs.codebook_user, cfg.temperature_cluster, cfg.sinkhorn_iterations,
+        cfg.sinkhorn_epsilon)
+  if name == "cla_itv":
+    return item_cluster_alignment_loss(inputs.embeddings, inputs.codebook_item, index.valid,
+                                       cfg.temperature_cluster, cfg.sinkhorn_iterations,
+                                       cfg.sinkhorn_epsilon)
+  directions = alignment_directions(index.scores, index.valid, cfg.directions,
+                                    cfg.bidirectional_threshold)
+  directed = direction_queries(inputs.ffn, inputs.embeddings, directions, names,
+                               both_ways=cfg.bidirectional_threshold >= 0)
+  if name == "dt":
+    return direction_tuning_loss(directed, inputs.mean_users, index.valid, len(names),
+                                 cfg.dt_similarity == "cosine")
+  if index.all_keys is None:  # 'batch' negatives: the unique items themselves
+    keys, positive, key_mask = (inputs.embeddings, jnp.arange(index.valid.shape[0]),
+                                index.valid)
+  else:  # 'all' items (Eq. 4 as written)
+    keys, positive, key_mask = index.all_keys, index.ids, None
+  return item_level_alignment_loss(directed, keys, positive, key_mask, index.valid,
+                                   cfg.temperature_feedback)
 
 
 def bucket_sizes(capacity: int, n_buckets: int = 4, multiple: int = 64) -> List[int]:
@@ -444,28 +570,79 @@ def bucket_sizes(capacity: int, n_buckets: int = 4, multiple: int = 64) -> List[
   return sorted(sizes)
 
 
-def item_level_terms_bucketed(params: Params, unique: UniqueItemInputs, all_keys,
-                              names: Sequence[str], cfg) -> Dict[str, Array]:
-  """item_level_terms on the smallest static prefix that holds every valid unique item.
+def _prefix(inputs: TermInputs, index: TermIndex, size: int):
+  """The first `size` unique-item slots; users, parameters and all_keys stay whole."""
+  return (inputs._replace(embeddings=inputs.embeddings[:size],
+                          mean_users=inputs.mean_users[:size]),
+          index._replace(scores=index.scores[:size], valid=index.valid[:size],
+                         ids=index.ids[:size], item_counts=index.item_counts[:size]))
+
+
+def alignment_terms(inputs: TermInputs, index: TermIndex, names: Sequence[str], cfg,
+                    unique_item_rows: bool) -> Dict[str, Array]:
+  """Every unweighted term, on the smallest static prefix of the unique-item buffer that
+  holds every valid slot.
 
   The buffer has U = min(B, n_items) slots, but a batch usually fills far fewer (ml100k:
   ~745 of 1682; Baby: ~1460 of 2048), and ILA's [U, U] logits cost O(U^2). Valid slots
-  are a prefix and padding slots are masked out of every term, so the terms on a prefix
-  holding all valid slots equal the full-buffer terms exactly; `lax.switch` runs only the
-  chosen size's branch.
+  are a prefix, padding slots are masked out of every term and no pair points at one, so
+  the terms on a prefix holding all valid slots equal the full-buffer terms exactly;
+  `lax.switch` runs only the chosen size's branch.
+
+  Differentiating through a `lax.switch` makes every branch emit the residuals of every
+  other branch (zero-filled [U, U] buffers of the largest size, written each step). So the
+  gradient is taken *inside* the chosen branch, in the forward pass (`jax.custom_vjp`):
+  each term's gradient with respect to the inputs comes out of the switch, and the
+  backward pass only scales them by the incoming cotangents. Exact, and each term keeps
+  its own gradient (any cotangent on any term is honoured).
   """
-  capacity = unique.valid.shape[0]
-  sizes = bucket_sizes(capacity)
-  if len(sizes) == 1:
-    return item_level_terms(params, unique, all_keys, names, cfg)
-  n_valid = jnp.sum(unique.valid.astype(jnp.int32))
-  index = jnp.sum(n_valid > jnp.asarray(sizes[:-1]))  # first size >= n_valid
+  zero = jnp.zeros((), inputs.embeddings.dtype)
+  enabled = enabled_terms(len(names), cfg)
+  if not enabled:
+    return {name: zero for name in TERMS}
+  sizes = bucket_sizes(index.valid.shape[0])
+  n_valid = jnp.sum(index.valid.astype(jnp.int32))
+  chosen = jnp.sum(n_valid > jnp.asarray(sizes[:-1]))  # first size >= n_valid
 
-  def branch(size):
-    prefix = jax.tree_util.tree_map(lambda x: x[:size], unique)
-    return lambda p, keys: item_level_terms(p, prefix, keys, names, cfg)
+  def run(branches, inputs, index):
+    if len(branches) == 1:
+      return branches[0](inputs, index)
+    return jax.lax.switch(chosen, branches, inputs, index)
 
-  return jax.lax.switch(index, [branch(size) for size in sizes], params, all_keys)
+  def values_branch(size):
+    def values(inputs, index):
+      inputs, index = _prefix(inputs, index, size)
+      return {name: alignment_term(name, inputs, index, names, cfg, unique_item_rows)
+              for name in enabled}
+    return values
+
+  def values_and_grads_branch(size):
+    def values_and_grads(inputs, index):
+      out = {}
+      for name in enabled:  # the prefix is taken inside: gradients keep the full shape
+        out[name] = jax.value_and_grad(
+            lambda x, name=name: alignment_term(name, *_prefix(x, index, size), names, cfg,
+                                                unique_item_rows))(inputs)
+      return ({name: v for name, (v, _) in out.items()},
+              {name: g for name, (_, g) in out.items()})
+    return values_and_grads
+
+  @jax.custom_vjp
+  def terms(inputs, index):
+    return run([values_branch(s) for s in sizes], inputs, index)
+
+  def terms_fwd(inputs, index):
+    return run([values_and_grads_branch(s) for s in sizes], inputs, index)
+
+  def terms_bwd(grads, cotangents):
+    scaled = [jax.tree_util.tree_map(lambda g, c=cotangents[name]: c * g, grads[name])
+              for name in enabled]
+    total = jax.tree_util.tree_map(lambda *g: sum(g), *scaled)
+    return total, None
+
+  terms.defvjp(terms_fwd, terms_bwd)
+  values = terms(inputs, index)
+  return {name: values.get(name, zero) for name in TERMS}
 
 
 # --------------------------------------------------------------------------- plug-in API
@@ -488,38 +665,52 @@ def init(rng: Array, data_info: DataInfo, config) -> Params:
   }
 
 
+def check_config(cfg) -> None:
+  """One-line errors for the string-valued switches (checked at trace time)."""
+  allowed = {"directions": ("pairwise", "topmost"), "dt_similarity": ("cosine", "dot"),
+             "ila_negatives": ("batch", "all")}
+  for field, values in allowed.items():
+    if cfg[field] not in values:
+      raise ValueError(f"fettle.{field} must be one of {values}, got {cfg[field]!r}")
+
+
 def loss(params: Params, reps: Representations, features: Dict[str, Array], batch: Batch,
          rng: Array, config) -> Tuple[Array, Dict[str, Array]]:
   """alpha (L_UI^CLA + L_ITV^CLA) + beta (L^ILA + L^DT): Eq. 11 without L^BPR."""
   del rng  # FETTLE is deterministic given the batch
   cfg = config.fettle
-  if cfg.directions not in ("pairwise", "topmost"):
-    raise ValueError(f"fettle.directions must be 'pairwise' or 'topmost', got {cfg.directions!r}")
-  if cfg.dt_similarity not in ("cosine", "dot"):
-    raise ValueError(f"fettle.dt_similarity must be 'cosine' or 'dot', got {cfg.dt_similarity!r}")
-  if cfg.ila_negatives not in ("batch", "all"):
-    raise ValueError(f"fettle.ila_negatives must be 'batch' or 'all', got {cfg.ila_negatives!r}")
+  check_config(cfg)
   names = modality_names(params["projectors"])
-  pair_embs = batch_modality_embeddings(params["projectors"], reps, features, batch.pos_items,
-                                        names, cfg.use_backbone_modalities)  # [B, |M|, L]
+  n_users, n_items = reps.users.shape[0], reps.items.shape[0]
+  batch_size = batch.pos_items.shape[0]
+  items = unique_batch_items(batch.pos_items, n_items)
+  # i^m of the batch's unique items only: a repeated item is gathered (and projected) once.
+  item_embs = batch_modality_embeddings(params["projectors"], reps, features, items.ids, names,
+                                        cfg.use_backbone_modalities)  # [U, |M|, L]
   user_emb_b = reps.users[batch.users]
-  scores, items = estimated_feedback(user_emb_b, pair_embs, batch.pos_items, reps.items.shape[0])
-  users_for_dt = l2_normalize(user_emb_b) if cfg.dt_similarity == "cosine" else user_emb_b
-  unique = UniqueItemInputs(
-      embeddings=pair_embs[items.first_index],  # [U, |M|, L], one row per unique item
-      scores=scores, valid=items.valid, ids=items.ids,
-      mean_users=segment_mean(users_for_dt, items.inverse, items.counts))
+  # Eq. 2: avg_{(u,i) in B} u^T i^m = (avg of the item's batch users)^T i^m. Directions only
+  # compare these scores, so no gradient flows through them.
+  mean_users = segment_mean(user_emb_b, items.inverse, items.counts)
+  scores = jax.lax.stop_gradient(jnp.einsum("ul,uml->um", mean_users, item_embs))
+  if cfg.dt_similarity == "cosine":
+    mean_users = segment_mean(l2_normalize(user_emb_b), items.inverse, items.counts)
   all_keys = None
   if cfg.use_ila and cfg.ila_negatives == "all":
-    all_keys = all_item_modality_embeddings(params["projectors"], reps, features, names,
-                                            cfg.use_backbone_modalities)
-  terms = item_level_terms_bucketed(params, unique, all_keys, names, cfg)
-  terms["cla_ui"] = jnp.zeros((), pair_embs.dtype)
-  if cfg.use_cla:
-    terms["cla_ui"] = user_cluster_alignment_loss(
-        user_emb_b, pair_embs[:, 0], params["codebook_user"], cfg.temperature_cluster,
-        cfg.sinkhorn_iterations, cfg.sinkhorn_epsilon)
-
+    all_keys = jax.lax.stop_gradient(all_item_modality_embeddings(
+        params["projectors"], reps, features, names, cfg.use_backbone_modalities))
+  # L_UI^CLA meets the codebook once per distinct user / item where that is a static saving
+  # (fewer users or items than the batch has pairs, e.g. ml100k); else once per pair.
+  users, user_of_pair, user_counts = user_emb_b, None, None
+  if n_users < batch_size:
+    unique_users = unique_batch_items(batch.users, n_users)
+    users = reps.users[unique_users.ids]
+    user_of_pair, user_counts = unique_users.inverse, unique_users.counts
+  terms = alignment_terms(
+      TermInputs(item_embs, mean_users, users, params["alignment_ffn"],
+                 params["codebook_item"], params["codebook_user"]),
+      TermIndex(scores, items.valid, items.ids, items.counts, items.inverse, user_counts,
+                user_of_pair, all_keys),
+      names, cfg, unique_item_rows=n_items < batch_size)
   total = (cfg.alpha * (terms["cla_ui"] + terms["cla_itv"])
            + cfg.beta * (terms["ila"] + terms["dt"]))
   return total, terms
