@@ -25,6 +25,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file (default: configs/default.py, FREEDOM + FETTLE on ml100k).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, checkpoints. "
                                "Default: runs/<config file name>.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "Persistent XLA compilation cache: a rerun of the same config "
+    "(and shapes) loads its compiled programs instead of compiling. Default: "
+    "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
+    "'none' turns it off.")
 
 
 def main(argv):
@@ -35,6 +40,8 @@ def main(argv):
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
+  if _COMPILATION_CACHE.value != "none":
+    train.enable_compilation_cache(_COMPILATION_CACHE.value or None)
   try:
     train.train_and_evaluate(config, workdir)
   except (DataError, FloatingPointError, ValueError) as e:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from data_pipeline import dataset as dataset_lib
+from data_pipeline import wheels
 from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import evaluation
@@ -39,6 +40,21 @@ class TrainData(NamedTuple):
   seen: sampling.SeenItems  # train items per user, for negative sampling
   graph: Any              # the backbone's pytree from build_graph
   features: Dict[str, jax.Array]
+
+
+def enable_compilation_cache(path: str = None) -> str:
+  """Turns on JAX's persistent compilation cache (default: <data cache root>/xla).
+
+  Every compiled program of a run (epoch, evaluation, kNN graph, ...) is stored there, so
+  a second run with the same config and data shapes starts training without compiling.
+  Must run before the first compilation in the process.
+  """
+  path = path or os.path.join(wheels.cache_root(), "xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
 
 
 def load_data(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
@@ -151,6 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(data.summary(), flush=True)
   backbone = get_backbone(config.model)
   alignment = alignment_lib.get_alignment(config.alignment)
+  if hasattr(alignment, "fit_static_shapes"):  # data-derived static shapes, before compiling
+    config = alignment.fit_static_shapes(config.copy_and_resolve_references(), data.train,
+                                         data.n_users, data.n_items)
   info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
 
   bitmask = sampling.interaction_bitmask(data.train, data.n_users, data.n_items)

@@ -53,6 +53,8 @@ def build_step(data, backbone_name, variant):
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
   backbone = get_backbone(backbone_name)
   alignment = alignment_lib.get_alignment(alignment_name)
+  if hasattr(alignment, "fit_static_shapes"):
+    config = alignment.fit_static_shapes(config, data.train, data.n_users, data.n_items)
   info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
   rng = jax.random.PRNGKey(0)
   params = {"backbone": backbone.init(rng, info, config),
