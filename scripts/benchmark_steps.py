@@ -1,4 +1,5 @@
-"""Step time of each backbone alone vs. with FETTLE (or BM3), side by side in one process.
+"""Step time of each backbone alone vs. with FETTLE (or BM3), side by side in one process,
+and each FETTLE term's FLOPs, time and achieved rate next to this machine's matmul rate.
 
   python scripts/benchmark_steps.py --data=/tmp/baby_twin [--backbones=bpr,lightgcn,vbpr,freedom]
 
@@ -9,10 +10,16 @@ Make the data with `python -m data_pipeline.synthetic --like baby --out /tmp/bab
 compiled train step (forward, backward, Adam), scanned over --steps fresh batches as in a
 training epoch, after one warm-up call; rounds alternate between variants so machine noise
 hits them alike.
+
+`--terms` (default on) adds, per backbone, one row per FETTLE term: forward + backward of
+that term alone on one real batch (the backbone's representations at init), on the
+branch (unique-item prefix) the batch takes; FLOPs from XLA's cost analysis of that
+compiled program. `--json=FILE` writes every number.
 """
 
 import functools
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -22,11 +29,13 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax import alignment as alignment_lib  # pylint: disable=g-import-not-at-top
+from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
 from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 from fettle_jax.backbones import get_backbone  # pylint: disable=g-import-not-at-top
@@ -42,6 +51,69 @@ _PROTOTYPES = flags.DEFINE_list(
     "how the cost scales with the codebooks.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step time is reported.")
+_TERMS = flags.DEFINE_bool("terms", True, "Per-term FLOPs / time / GFLOP/s table for FETTLE.")
+_JSON = flags.DEFINE_string("json", "", "Also write every measurement to this JSON file.")
+
+
+def timed(fn, *args, repeats=5):
+  """Median seconds per call of a compiled fn (after one warm-up call)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_rates():
+  """This machine's float32 matmul rate (GFLOP/s): square, and FETTLE-shaped (K = 64)."""
+  rates = {}
+  for name, (m, k, n) in {"square 2048^3": (2048, 2048, 2048),
+                          "skinny 2048x64x2048": (2048, 64, 2048)}.items():
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    rates[name] = 2 * m * k * n / timed(jax.jit(jnp.matmul), a, b, repeats=9) / 1e9
+  return rates
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
+
+
+def term_rows(data, backbone_name, entry):
+  """Each enabled FETTLE term alone, forward + backward, on the branch its batch takes."""
+  config, backbone = entry["config"], entry["backbone"]
+  cfg = config.fettle
+  state, train_data = entry["state"], entry["data"]
+  params = state.params
+  reps = jax.jit(lambda p, g: backbone.represent(p, g, config))(params["backbone"],
+                                                                  train_data.graph)
+  batch = Batch(*(b[0] for b in entry["batches"]))
+  inputs, index, layout = jax.jit(
+      lambda p, r, f, b: fettle.prepare_terms(p, r, f, b, cfg))(
+          params["alignment"], reps, train_data.features, batch)
+  n_items = int(np.sum(np.asarray(index.valid)))
+  n_users = (inputs.users.shape[0] if index.user_counts is None
+             else int(np.sum(np.asarray(index.user_counts) > 0)))
+  ladder = fettle.buckets(index.valid.shape[0], inputs.users.shape[0], cfg.typical_batch_items,
+                          cfg.typical_batch_users if index.user_counts is not None else 0)
+  bucket = next(b for b in ladder if n_items <= b.items and n_users <= b.users)
+  rows = []
+  for name in fettle.enabled_terms(len(layout.names), cfg):
+    term = jax.jit(jax.value_and_grad(
+        lambda x, i, name=name: fettle.alignment_term(name, *fettle._prefix(x, i, bucket),  # pylint: disable=protected-access
+                                                      layout, cfg)))
+    compiled = term.lower(inputs, index).compile()
+    seconds = timed(compiled, inputs, index)
+    flops = flops_of(compiled)
+    rows.append({"term": name, "flops": flops, "ms": seconds * 1e3,
+                 "gflops_per_s": flops / seconds / 1e9,
+                 "items": n_items, "users": n_users, "bucket": list(bucket)})
+  return rows
 
 
 def build_step(data, backbone_name, variant):
@@ -78,7 +150,8 @@ def build_step(data, backbone_name, variant):
 
   batches = sampling.epoch_batches(rng, train_data.train_pairs, train_data.seen, data.n_items,
                                    config.batch_size)
-  return {"state": state, "steps": steps, "data": train_data, "batches": batches}
+  return {"state": state, "steps": steps, "data": train_data, "batches": batches,
+          "config": config, "backbone": backbone}
 
 
 def run_steps(entry, n_steps, offset):
@@ -96,7 +169,14 @@ def main(argv):
   del argv
   data = dataset_lib.load_dataset(_DATA.value)
   print(data.summary())
-  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cpus")
+  device = f"{jax.devices()[0].device_kind}, {os.cpu_count()} cpus"
+  print(f"device: {device}")
+  rates = matmul_rates()
+  print("matmul rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()),
+        flush=True)
+  report = {"data": data.summary(), "device": device, "matmul_gflops_per_s": rates,
+            "steps": {}, "terms": {}}
+  best_rate = max(rates.values())
   for backbone_name in _BACKBONES.value:
     variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
     entries = {v: build_step(data, backbone_name, v) for v in variants}
@@ -110,6 +190,18 @@ def main(argv):
     row = " | ".join(f"{a} {statistics.median(t) * 1e3:7.1f} ms ({statistics.median(t) / base:4.2f}x)"
                      for a, t in times.items())
     print(f"{backbone_name:9s} | {row}", flush=True)
+    report["steps"][backbone_name] = {a: statistics.median(t) * 1e3 for a, t in times.items()}
+    if _TERMS.value and "fettle" in entries:
+      rows = term_rows(data, backbone_name, entries["fettle"])
+      report["terms"][backbone_name] = rows
+      for r in rows:
+        print(f"  {r['term']:8s} {r['flops'] / 1e9:8.3f} GFLOP {r['ms']:8.2f} ms "
+              f"{r['gflops_per_s']:6.1f} GFLOP/s ({100 * r['gflops_per_s'] / best_rate:4.1f}% of "
+              f"matmul) | {r['items']} items, {r['users']} users -> bucket {r['bucket']}",
+              flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -365,6 +365,42 @@ def test_fettle_terms_match_numpy_reference(case):
   assert all(abs(float(v)) > 1e-3 for v in terms.values())  # no term is trivially zero
 
 
+# make_problem's batch has 16 pairs: 10 users / 9 items put both L_UI^CLA sides on unique
+# rows (pair counts as Sinkhorn weights); 40 users or 30 items keep that side on pair rows.
+@pytest.mark.parametrize("n_users,n_items", [(10, 30), (40, 9), (40, 30)])
+def test_user_cluster_term_on_unique_or_pair_rows_matches_reference(n_users, n_items):
+  data_info, reps, features, batch = make_problem(seed=14, n_users=n_users, n_items=n_items)
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+  expected_total, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
+  chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
+  chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+
+
+def test_typical_bucket_from_data_is_exact_and_taken():
+  """fit_static_shapes sizes the first branch; a batch larger than it takes a later one."""
+  data_info, reps, features, batch = make_problem(seed=6)
+  cfg = make_config()
+  pairs = np.stack([np.asarray(batch.users), np.asarray(batch.pos_items)], axis=1)
+  cfg.batch_size = 16
+  fettle.fit_static_shapes(cfg, pairs, data_info.n_users, data_info.n_items)
+  n_items = len(set(np.asarray(batch.pos_items).tolist()))
+  n_users = len(set(np.asarray(batch.users).tolist()))
+  assert cfg.fettle.typical_batch_items == min(9, -(-int(np.ceil(n_items * 1.02)) // 32) * 32)
+  assert cfg.fettle.typical_batch_users == min(10, -(-int(np.ceil(n_users * 1.02)) // 32) * 32)
+  expected_total, _ = np_fettle_terms(fettle.init(jax.random.PRNGKey(0), data_info, cfg),
+                                      reps, features, batch, cfg.fettle)
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  # First branch: too few item slots, exactly the batch's rows, too few user rows.
+  for typical in [(3, n_users), (n_items, n_users), (8, n_users - 1)]:
+    cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = typical
+    ladder = fettle.buckets(9, 10, *typical)
+    assert ladder[0] == typical and ladder[-1] == (9, 10)
+    total, _ = jitted_loss(fettle, cfg)(params, reps, features, batch)
+    chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+
+
 def test_unique_items_fill_a_prefix_of_the_buffer():
   _, _, _, batch = make_problem(seed=6)
   valid = np.asarray(fettle.unique_batch_items(batch.pos_items, 9).valid)
@@ -611,7 +647,7 @@ def test_default_config_fields():
       prototypes_item=10240, prototypes_user=20480, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
       directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0, use_ila=True,
       use_dt=True, dt_similarity="cosine", use_cla=True, projector_hidden=64,
-      use_backbone_modalities=True)
+      use_backbone_modalities=True, typical_batch_items=0, typical_batch_users=0)
 
 
 @pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue"),
