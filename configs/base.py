@@ -1,20 +1,36 @@
 """Defaults shared by every experiment. Each field: type, meaning, paper/MMRec value.
 
-Per-experiment files (`configs/<backbone>_<dataset>.py`) call `get_config()` here and
+Per-experiment files (`configs/<backbone>_<dataset>.py`) call `get_config(model)` here and
 override what differs; any field can be overridden on the command line, e.g.
 `python run.py --config=configs/lightgcn_baby.py --config.seed=1 --config.alignment=fettle`.
+
+Each backbone's and alignment plug-in's own section comes from its module's
+`default_config()`, next to its code. They are imported inside `get_config`, so importing a
+config file does not import JAX (a launcher can read configs and set XLA flags first).
 """
+
+import importlib
+import os
+import pkgutil
 
 import ml_collections
 
-from fettle_jax.alignment import bm3
-from fettle_jax.alignment import fettle
+ALIGNMENTS = ("fettle", "bm3")  # plug-ins with a config section (`none` has none)
 
 
-def get_config() -> ml_collections.ConfigDict:
+def backbone_names():
+  """Every module in fettle_jax/backbones/ (found without importing them)."""
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "fettle_jax", "backbones")
+  return sorted(m.name for m in pkgutil.iter_modules([folder]))
+
+
+def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
+  """Shared fields, every backbone's section (so --config.model=X works on any config;
+  each backbone reads only its own) and every plug-in's section."""
   config = ml_collections.ConfigDict()
   config.seed = 0                     # int: seeds init, batches and negatives (same seed -> same metrics)
-  config.model = "lightgcn"           # str: backbone module in fettle_jax/backbones/
+  config.model = model                # str: backbone module in fettle_jax/backbones/
   config.alignment = "none"           # str: 'fettle' | 'bm3' | 'none'
 
   config.data = ml_collections.ConfigDict()
@@ -34,16 +50,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 4096       # int: users ranked per compiled evaluation batch
   config.checkpoint_every_epochs = 5  # int: how often the resumable 'latest' checkpoint is written
 
-  # Backbone sections; each backbone reads only its own.
-  config.bpr = ml_collections.ConfigDict({"reg_weight": 1e-5})  # float: L2 on batch embeddings
-  config.lightgcn = ml_collections.ConfigDict({
-      "n_layers": 2,        # int: propagation layers K
-      "reg_weight": 1e-4,   # float: L2 on the batch's ego embeddings
-  })
-
-  # Alignment sections; read only when config.alignment names them.
-  config.fettle = fettle.default_config()
-  config.bm3 = bm3.default_config()
+  # Sections from each module's default_config(); alignment sections are read only when
+  # config.alignment names them.
+  for name in backbone_names():
+    config[name] = importlib.import_module(f"fettle_jax.backbones.{name}").default_config()
+  for name in ALIGNMENTS:
+    config[name] = importlib.import_module(f"fettle_jax.alignment.{name}").default_config()
   return config
 
 

@@ -11,8 +11,7 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.model = "bpr"
+  config = base.get_config("bpr")
   config = base.use_ml100k(config)
   # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
   config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.2,

@@ -7,13 +7,10 @@ scripts/ml100k_table.py.
 """
 
 from configs import base
-from configs import freedom_baby
 
 
 def get_config():
-  config = base.get_config()
-  config.model = "freedom"
-  config.freedom = freedom_baby.backbone_config()
+  config = base.get_config("freedom")
   config = base.use_ml100k(config)
   # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
   config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.1,

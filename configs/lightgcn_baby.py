@@ -11,7 +11,6 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.model = "lightgcn"
+  config = base.get_config("lightgcn")
   config.data.path = "data/baby"
   return config

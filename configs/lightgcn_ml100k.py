@@ -11,8 +11,7 @@ from configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.model = "lightgcn"
+  config = base.get_config("lightgcn")
   config = base.use_ml100k(config)
   # On ml100k, LightGCN's valid Recall@20 stalls from epoch ~20 to ~70 before rising again
   # (seen on validation with patience 20: seeds stopped at epochs 18-52, one ran to 263).

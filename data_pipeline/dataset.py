@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence
 from absl import logging
 import numpy as np
 
+from data_pipeline import lattice
+from data_pipeline import mmrec
 from data_pipeline.errors import DataError
 
 
@@ -54,8 +56,6 @@ def load_dataset(path: str, name: Optional[str] = None,
   modalities: content modalities to keep (e.g. ['image', 'text']); None keeps all found.
   Every feature file found is validated, whatever is kept.
   """
-  # Imported here: both readers import this module for `Dataset`.
-  from data_pipeline import lattice, mmrec  # pylint: disable=g-import-not-at-top
   fmt = detect_format(path)
   if fmt == "lattice":
     name, n_users, n_items, splits = lattice.read_splits(path, name)
@@ -133,8 +133,3 @@ def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str,
   return Dataset(name=name, path=path, n_users=n_users, n_items=n_items,
                  train=cleaned["train"].astype(np.int32), valid=cleaned["valid"].astype(np.int32),
                  test=cleaned["test"].astype(np.int32), features=features)
-
-
-def check_ids(file: str, column: str, values: np.ndarray) -> None:
-  if len(values) and values.min() < 0:
-    raise DataError(f"{file}: column {column} has a negative id ({values.min()})")

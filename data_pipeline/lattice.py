@@ -10,8 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from data_pipeline.dataset import check_ids
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, check_ids
 from data_pipeline import mmrec_writer
 
 SPLIT_FILES = {"train": "train.json", "valid": "val.json", "test": "test.json"}

@@ -6,8 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from data_pipeline.dataset import check_ids
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, check_ids
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 SPLIT_OF_LABEL = {0: "train", 1: "valid", 2: "test"}

@@ -11,10 +11,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fettle_jax import sampling
 from fettle_jax.types import Array
 
 METRICS = ("recall", "ndcg", "precision", "map")
+
+
+# ------------------------------------------------------------------ interaction bit matrices
+# [n_users, ceil(n_items / 32)] uint32 words (17 MB for Amazon Baby): a user's train items
+# are masked out of a ranking, and a ranked item is checked against the held-out items,
+# with one gather per user row.
+
+
+def interaction_bitmask(pairs: np.ndarray, n_users: int, n_items: int) -> np.ndarray:
+  """Packs (user, item) pairs into a [n_users, ceil(n_items / 32)] uint32 bit matrix."""
+  words = np.zeros((n_users, (n_items + 31) // 32), np.uint32)
+  users, items = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
+  np.bitwise_or.at(words, (users, items >> 5), (np.uint32(1) << (items & 31).astype(np.uint32)))
+  return words
+
+
+def has_interaction(bitmask: Array, users: Array, items: Array) -> Array:
+  """Elementwise test (users and items broadcast together) of whether a pair is in the matrix."""
+  words = bitmask[users, items >> 5]
+  return ((words >> (items & 31).astype(jnp.uint32)) & 1).astype(bool)
+
+
+def unpack_rows(bitmask: Array, users: Array, n_items: int) -> Array:
+  """bool [len(users), n_items]: the rows of the bit matrix for these users."""
+  items = jnp.arange(n_items)
+  words = bitmask[users][:, items >> 5]
+  return ((words >> (items & 31).astype(jnp.uint32)) & 1).astype(bool)
 
 
 class EvalData(NamedTuple):
@@ -35,7 +61,7 @@ def build_eval_data(heldout_splits: Sequence[np.ndarray], train_bitmask: np.ndar
   padded = np.zeros(n_batch * batch_size, np.int32)
   padded[: len(users)] = users
   valid = np.arange(n_batch * batch_size) < len(users)
-  heldout = np.stack([sampling.interaction_bitmask(s, n_users, n_items) for s in heldout_splits])
+  heldout = np.stack([interaction_bitmask(s, n_users, n_items) for s in heldout_splits])
   shape = (n_batch, batch_size)
   return EvalData(jnp.asarray(padded.reshape(shape)), jnp.asarray(valid.reshape(shape)),
                   jnp.asarray(train_bitmask),
@@ -75,7 +101,7 @@ def top_items(user_emb: Array, item_emb: Array, users: Array, train_bitmask: Arr
   Ties go to the lower item index (lax.top_k is stable).
   """
   scores = user_emb[users] @ item_emb.T
-  seen = sampling.unpack_rows(train_bitmask, users, item_emb.shape[0])
+  seen = unpack_rows(train_bitmask, users, item_emb.shape[0])
   scores = jnp.where(seen, -jnp.inf, scores)
   return jax.lax.top_k(scores, max_k)[1]
 
@@ -91,7 +117,7 @@ def evaluate_embeddings(user_emb: Array, item_emb: Array, data: EvalData,
     top = top_items(user_emb, item_emb, users, data.train_bitmask, max_k)
     sums = {}
     for s in range(data.heldout_bitmask.shape[0]):
-      hits = sampling.has_interaction(data.heldout_bitmask[s], users[:, None], top)
+      hits = has_interaction(data.heldout_bitmask[s], users[:, None], top)
       n_rel = data.n_heldout[s, users]
       per_user = ranking_metrics(hits, n_rel, ks)
       weight = ((n_rel > 0) & valid).astype(jnp.float32)

@@ -1,9 +1,4 @@
-"""Training batches, exact uniform negative sampling, and the seen-item bit matrix.
-
-Everything runs on device inside the compiled epoch. The bit matrix [n_users,
-ceil(n_items / 32)] of uint32 words (17 MB for Amazon Baby) masks seen items during
-evaluation with one gather per user row.
-"""
+"""Training batches and exact uniform negative sampling, on device inside the compiled epoch."""
 
 from typing import NamedTuple
 
@@ -36,27 +31,6 @@ def seen_items(pairs: np.ndarray, n_users: int) -> SeenItems:
   np.cumsum(np.bincount(users, minlength=n_users), out=offsets[1:])
   rank_in_user = np.arange(len(items)) - offsets[users]
   return SeenItems(jnp.asarray(offsets, jnp.int32), jnp.asarray(items - rank_in_user, jnp.int32))
-
-
-def interaction_bitmask(pairs: np.ndarray, n_users: int, n_items: int) -> np.ndarray:
-  """Packs (user, item) pairs into a [n_users, ceil(n_items / 32)] uint32 bit matrix."""
-  words = np.zeros((n_users, (n_items + 31) // 32), np.uint32)
-  users, items = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
-  np.bitwise_or.at(words, (users, items >> 5), (np.uint32(1) << (items & 31).astype(np.uint32)))
-  return words
-
-
-def has_interaction(bitmask: Array, users: Array, items: Array) -> Array:
-  """Elementwise test (users and items broadcast together) of whether a pair is in the matrix."""
-  words = bitmask[users, items >> 5]
-  return ((words >> (items & 31).astype(jnp.uint32)) & 1).astype(bool)
-
-
-def unpack_rows(bitmask: Array, users: Array, n_items: int) -> Array:
-  """bool [len(users), n_items]: the rows of the bit matrix for these users."""
-  items = jnp.arange(n_items)
-  words = bitmask[users][:, items >> 5]
-  return ((words >> (items & 31).astype(jnp.uint32)) & 1).astype(bool)
 
 
 def sample_negatives(rng: Array, seen: SeenItems, users: Array, n_items: int) -> Array:

@@ -25,21 +25,36 @@ from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import evaluation
 from fettle_jax import sampling
+from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
 
 
 class TrainState(NamedTuple):
-  params: Any      # {"backbone": ..., "alignment": ...}
+  params: Any       # {"backbone": ..., "alignment": ...}
   opt_state: Any
+  model_state: Any  # the backbone's non-trainable state ({} if it keeps none); checkpointed
 
 
-class TrainData(NamedTuple):
-  """Everything an epoch reads, passed as arguments (not closed over: no baked constants)."""
-  train_pairs: jax.Array  # int32 [n_train, 2]
-  seen: sampling.SeenItems  # train items per user, for negative sampling
-  graph: Any              # the backbone's pytree from build_graph
-  features: Dict[str, jax.Array]
+class StaticInputs(NamedTuple):
+  """Every array training and evaluation read but never change: built once, on device once,
+  passed as an argument (not closed over: no baked constants) to backbone and alignment."""
+  train_pairs: jax.Array     # int32 [n_train, 2]
+  seen: sampling.SeenItems   # train items per user, for negative sampling
+  features: Dict[str, jax.Array]  # content modality -> [n_items, d_m], the only copy
+  graph: Any                 # the backbone's own structures (build_graph), no feature copies
+
+
+class Experiment(NamedTuple):
+  """Everything `create_train_state` builds for one config and data set."""
+  config: ml_collections.ConfigDict  # with data-derived static settings filled in
+  backbone: Any
+  alignment: Any
+  info: DataInfo
+  static: StaticInputs
+  optimizer: optax.GradientTransformation
+  state: TrainState
+  train_rng: jax.Array
 
 
 def enable_compilation_cache(path: str = None) -> str:
@@ -66,47 +81,81 @@ def load_data(config: ml_collections.ConfigDict) -> dataset_lib.Dataset:
   return dataset_lib.load_dataset(path, name=config.data.name or None, modalities=modalities)
 
 
+def create_train_state(config: ml_collections.ConfigDict,
+                       data: dataset_lib.Dataset) -> Experiment:
+  """Backbone, alignment, static inputs and the initial train state for `config` on `data`.
+
+  The one place a run is assembled (training, benchmarks and tests share it). Random
+  streams: PRNGKey(seed) splits into backbone init, alignment init and training.
+  """
+  backbone = get_backbone(config.model)
+  alignment = alignment_lib.get_alignment(config.alignment)
+  if hasattr(alignment, "fit_static_shapes"):  # data-derived static shapes, before compiling
+    config = alignment.fit_static_shapes(config.copy_and_resolve_references(), data.train,
+                                         data.n_users, data.n_items)
+  info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
+  static = StaticInputs(
+      jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
+      {k: jnp.asarray(v, jnp.float32) for k, v in sorted(data.features.items())},
+      backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config))
+  backbone_rng, alignment_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  params = {"backbone": backbone.init(backbone_rng, info, config),
+            "alignment": alignment.init(alignment_rng, info, config)}
+  model_state = backbone_contract.init_state(backbone, jax.random.fold_in(backbone_rng, 1),
+                                             static, config)
+  optimizer = make_optimizer(config)
+  state = TrainState(params, optimizer.init(params), model_state)
+  return Experiment(config, backbone, alignment, info, static, optimizer, state, train_rng)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate)
 
 
 def make_train_step(backbone, alignment, config, optimizer):
-  """Returns step(state, data, batch, rng) -> (state, [backbone loss, alignment loss])."""
+  """Returns step(state, static, batch, rng) -> (state, [backbone loss, alignment loss])."""
 
-  def loss_fn(params, data: TrainData, batch: Batch, rng):
+  def loss_fn(params, model_state, static: StaticInputs, batch: Batch, rng):
     backbone_rng, alignment_rng = jax.random.split(rng)
-    reps, backbone_loss = backbone.apply(params["backbone"], data.graph, batch, backbone_rng,
-                                         config)
-    alignment_loss, _ = alignment.loss(params["alignment"], reps, data.features, batch,
+    reps, backbone_loss = backbone.apply(params["backbone"], model_state, static, batch,
+                                         backbone_rng, config)
+    alignment_loss, _ = alignment.loss(params["alignment"], reps, static.features, batch,
                                        alignment_rng, config)
     return backbone_loss + alignment_loss, jnp.stack([backbone_loss, alignment_loss])
 
-  def step(state: TrainState, data: TrainData, batch: Batch, rng):
-    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, data, batch, rng)
+  def step(state: TrainState, static: StaticInputs, batch: Batch, rng):
+    grads, losses = jax.grad(loss_fn, has_aux=True)(state.params, state.model_state, static,
+                                                    batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state), losses
+    return state._replace(params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state), losses
 
   return step
 
 
 def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
-  """Returns epoch(state, rng, data) -> (state, mean losses): a lax.scan over the batches."""
+  """Returns epoch(state, rng, static) -> (state, mean losses): the backbone's epoch hook,
+  then a lax.scan over the batches; one compiled program per run."""
   step = make_train_step(backbone, alignment, config, optimizer)
 
   def scan_body(carry, xs):
-    state, data, rng = carry
+    state, static, rng = carry
     batch, index = xs
-    state, losses = step(state, data, batch, jax.random.fold_in(rng, index))
-    return (state, data, rng), losses
+    state, losses = step(state, static, batch, jax.random.fold_in(rng, index))
+    return (state, static, rng), losses
 
   @functools.partial(jax.jit, donate_argnums=0)
   @chex.assert_max_traces(n=1)
-  def epoch(state: TrainState, rng, data: TrainData):
+  def epoch(state: TrainState, rng, static: StaticInputs):
     batch_rng, step_rng = jax.random.split(rng)
-    batches = sampling.epoch_batches(batch_rng, data.train_pairs, data.seen, n_items,
+    if hasattr(backbone, "epoch_start"):  # per-epoch structure (views, prototypes, pruning)
+      state = state._replace(model_state=backbone.epoch_start(
+          state.params["backbone"], state.model_state, static,
+          jax.random.fold_in(rng, backbone_contract.EPOCH_HOOK_STREAM), config))
+    batches = sampling.epoch_batches(batch_rng, static.train_pairs, static.seen, n_items,
                                      config.batch_size)
     n_batch = batches.users.shape[0]
-    (state, _, _), losses = jax.lax.scan(scan_body, (state, data, step_rng),
+    (state, _, _), losses = jax.lax.scan(scan_body, (state, static, step_rng),
                                          (batches, jnp.arange(n_batch)))
     return state, jnp.mean(losses, axis=0)
 
@@ -118,8 +167,8 @@ def make_evaluate(backbone, config):
 
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def evaluate(params, graph, eval_data: evaluation.EvalData):
-    reps = backbone.represent(params["backbone"], graph, config)
+  def evaluate(params, model_state, static: StaticInputs, eval_data: evaluation.EvalData):
+    reps = backbone.represent(params["backbone"], model_state, static, config)
     return evaluation.evaluate_embeddings(reps.users, reps.items, eval_data, ks)
 
   return evaluate
@@ -146,8 +195,32 @@ def median_or_none(values):
   return statistics.median(values) if values else None
 
 
-def split_metrics(metrics: Dict[str, jax.Array], index: int) -> Dict[str, float]:
+def split_metrics(metrics: Dict[str, np.ndarray], index: int) -> Dict[str, float]:
   return {name: float(values[index]) for name, values in sorted(metrics.items())}
+
+
+class History:
+  """<workdir>/history.jsonl: one line per epoch, appended as it happens (a crashed run
+  keeps its curve); on resume, lines past the restored epoch are dropped (they re-run)."""
+
+  def __init__(self, workdir: str, restored_epoch: int):
+    self.path = os.path.join(workdir, "history.jsonl")
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+          if record.get("epoch", 0) <= restored_epoch:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def append(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
 
 def initial_loop_state() -> dict:
@@ -165,35 +238,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = load_data(config)
   check_config(config, data.n_items)
   print(data.summary(), flush=True)
-  backbone = get_backbone(config.model)
-  alignment = alignment_lib.get_alignment(config.alignment)
-  if hasattr(alignment, "fit_static_shapes"):  # data-derived static shapes, before compiling
-    config = alignment.fit_static_shapes(config.copy_and_resolve_references(), data.train,
-                                         data.n_users, data.n_items)
-  info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
-
-  bitmask = sampling.interaction_bitmask(data.train, data.n_users, data.n_items)
-  graph = backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config)
-  train_data = TrainData(jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
-                         graph,
-                         {k: jnp.asarray(v) for k, v in data.features.items()})
-  eval_data = evaluation.build_eval_data([data.valid, data.test], bitmask, data.n_users,
-                                         data.n_items, config.eval_batch_size)
-
-  rng = jax.random.PRNGKey(config.seed)
-  backbone_rng, alignment_rng, train_rng = jax.random.split(rng, 3)
-  params = {"backbone": backbone.init(backbone_rng, info, config),
-            "alignment": alignment.init(alignment_rng, info, config)}
-  optimizer = make_optimizer(config)
-  state = TrainState(params, optimizer.init(params))
-  epoch_fn = make_train_epoch(backbone, alignment, config, optimizer, data.n_items)
-  evaluate = make_evaluate(backbone, config)
+  run = create_train_state(config, data)
+  config, state = run.config, run.state
+  eval_data = evaluation.build_eval_data(
+      [data.valid, data.test], evaluation.interaction_bitmask(data.train, data.n_users,
+                                                              data.n_items),
+      data.n_users, data.n_items, config.eval_batch_size)
+  data_facts = {"name": data.name, "path": data.path, "n_users": data.n_users,
+                "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
+                "n_test": len(data.test), "modalities": sorted(data.features)}
+  del data  # the host copies of the features: the device holds the one we train on
+  epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
+                              run.info.n_items)
+  evaluate = make_evaluate(run.backbone, config)
 
   checkpoints = checkpoint_lib.Checkpoints(workdir)
   loop = initial_loop_state()
   if checkpoints.latest_epoch() is not None:
     state, loop = checkpoints.restore_latest(state)
     print(f"resumed from {workdir} at epoch {loop['epoch']}", flush=True)
+  history = History(workdir, loop["epoch"])
 
   selection = config.selection_metric
   first_epoch = loop["epoch"] + 1
@@ -202,14 +266,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch = loop["epoch"] + 1
       start = time.perf_counter()
       # fold_in(epoch): a resumed run draws exactly the batches an uninterrupted one would.
-      state, losses = epoch_fn(state, jax.random.fold_in(train_rng, epoch), train_data)
+      state, losses = epoch_fn(state, jax.random.fold_in(run.train_rng, epoch), run.static)
       losses = np.asarray(losses)
       train_seconds = time.perf_counter() - start
       if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"epoch {epoch}: loss is {losses.tolist()}; lower the "
                                  "learning rate or the alignment weights")
       start = time.perf_counter()
-      metrics = evaluate(state.params, graph, eval_data)
+      # One device-to-host transfer for every metric of both splits.
+      metrics = jax.device_get(evaluate(state.params, state.model_state, run.static, eval_data))
       valid, test = split_metrics(metrics, 0), split_metrics(metrics, 1)
       eval_seconds = time.perf_counter() - start
       improved = valid[selection] > loop["best_value"]
@@ -220,10 +285,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         loop["bad_epochs"] += 1
       loop["epoch"] = epoch
-      loop["history"].append({"epoch": epoch, "loss": float(losses[0] + losses[1]),
-                              "backbone_loss": float(losses[0]),
-                              "alignment_loss": float(losses[1]),
-                              f"valid_{selection}": valid[selection]})
+      record = {"epoch": epoch, "loss": float(losses[0] + losses[1]),
+                "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1]),
+                f"valid_{selection}": valid[selection]}
+      loop["history"].append(record)
+      history.append(dict(record, valid=valid, test=test, train_seconds=train_seconds,
+                          eval_seconds=eval_seconds))
       if epoch > first_epoch:  # this process's first epoch includes compilation
         loop["train_seconds"].append(train_seconds)
         loop["eval_seconds"].append(eval_seconds)
@@ -250,9 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_epoch_seconds": median_or_none(loop["train_seconds"]),
       "eval_seconds": median_or_none(loop["eval_seconds"]),
       "first_epoch_seconds": loop.get("first_epoch_seconds"),
-      "data": {"name": data.name, "path": data.path, "n_users": data.n_users,
-               "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
-               "n_test": len(data.test), "modalities": sorted(data.features)},
+      "data": data_facts,
       "devices": [str(d) for d in jax.devices()],
       "history": loop["history"],
       "config": config.to_dict(),

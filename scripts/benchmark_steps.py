@@ -34,12 +34,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-from fettle_jax import alignment as alignment_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
 from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
-from fettle_jax.backbones import get_backbone  # pylint: disable=g-import-not-at-top
-from fettle_jax.types import Batch, DataInfo  # pylint: disable=g-import-not-at-top
+from fettle_jax.types import Batch  # pylint: disable=g-import-not-at-top
 
 _DATA = flags.DEFINE_string("data", "/tmp/baby_twin", "MMRec-format folder.")
 _CONFIGS = flags.DEFINE_enum("configs", "baby", ["baby", "ml100k"],
@@ -90,8 +88,8 @@ def term_rows(data, backbone_name, entry):
   cfg = config.fettle
   state, train_data = entry["state"], entry["data"]
   params = state.params
-  reps = jax.jit(lambda p, g: backbone.represent(p, g, config))(params["backbone"],
-                                                                  train_data.graph)
+  reps = jax.jit(lambda p, m, g: backbone.represent(p, m, g, config))(
+      params["backbone"], state.model_state, train_data)
   batch = Batch(*(b[0] for b in entry["batches"]))
   inputs, index, layout = jax.jit(
       lambda p, r, f, b: fettle.prepare_terms(p, r, f, b, cfg))(
@@ -123,35 +121,22 @@ def build_step(data, backbone_name, variant):
   config.alignment = alignment_name
   if prototypes:
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
-  backbone = get_backbone(backbone_name)
-  alignment = alignment_lib.get_alignment(alignment_name)
-  if hasattr(alignment, "fit_static_shapes"):
-    config = alignment.fit_static_shapes(config, data.train, data.n_users, data.n_items)
-  info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
-  rng = jax.random.PRNGKey(0)
-  params = {"backbone": backbone.init(rng, info, config),
-            "alignment": alignment.init(rng, info, config)}
-  optimizer = train.make_optimizer(config)
-  state = train.TrainState(params, optimizer.init(params))
-  train_data = train.TrainData(
-      jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
-      backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config),
-      {k: jnp.asarray(v) for k, v in data.features.items()})
-  step = train.make_train_step(backbone, alignment, config, optimizer)
+  run = train.create_train_state(config, data)
+  step = train.make_train_step(run.backbone, run.alignment, run.config, run.optimizer)
 
   @functools.partial(jax.jit, donate_argnums=0)
-  def steps(state, data, batches):
+  def steps(state, static, batches):
     # A lax.scan over the batches, as inside a training epoch (loop-invariant work such as
     # the CSR row pointers is hoisted out of the loop there too).
     def body(state, batch):
-      state, losses = step(state, data, Batch(*batch), jax.random.PRNGKey(0))
+      state, losses = step(state, static, Batch(*batch), jax.random.PRNGKey(0))
       return state, losses
     return jax.lax.scan(body, state, tuple(batches))
 
-  batches = sampling.epoch_batches(rng, train_data.train_pairs, train_data.seen, data.n_items,
-                                   config.batch_size)
-  return {"state": state, "steps": steps, "data": train_data, "batches": batches,
-          "config": config, "backbone": backbone}
+  batches = sampling.epoch_batches(jax.random.PRNGKey(0), run.static.train_pairs, run.static.seen,
+                                   data.n_items, run.config.batch_size)
+  return {"state": run.state, "steps": steps, "data": run.static, "batches": batches,
+          "config": run.config, "backbone": run.backbone}
 
 
 def run_steps(entry, n_steps, offset):

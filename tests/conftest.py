@@ -43,8 +43,7 @@ def tiny_config(path, model="lightgcn", alignment="none", config=None):
   """A fast config on the tiny data set (from `config`, default configs/base.py)."""
   from configs import base  # pylint: disable=g-import-not-at-top
   if config is None:
-    config = base.get_config()
-    config.model = model
+    config = base.get_config(model)
   config.alignment = alignment
   config.data.path = path
   config.batch_size = 64

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import freedom_baby, vbpr_baby
-from fettle_jax import blocks, train
+from fettle_jax import graphs, sampling, train
 from fettle_jax.backbones import freedom, vbpr
 from fettle_jax.types import Batch, DataInfo
 from tests.conftest import tiny_config
@@ -82,18 +82,18 @@ def test_knn_neighbours_exact_and_blockwise_equals_unblocked():
   for x in features.values():
     expected = reference_knn(x, 10)
     for block_size in (1, 7, 16, 40, 4096):  # 7: a padded last block; 4096 > n: one block
-      np.testing.assert_array_equal(blocks.knn_neighbours(x, 10, block_size), expected)
+      np.testing.assert_array_equal(graphs.knn_neighbours(x, 10, block_size), expected)
     assert np.all(expected[:, 0] == np.arange(N_ITEMS))  # the item itself ranks first
   # k > n is clipped; zero feature rows give no NaN and a deterministic order.
   x = np.vstack([features["text"][:5], np.zeros((2, 8), np.float32)])
-  np.testing.assert_array_equal(blocks.knn_neighbours(x, 100, 3).shape, (7, 7))
+  np.testing.assert_array_equal(graphs.knn_neighbours(x, 100, 3).shape, (7, 7))
 
 
 def test_knn_item_graph_matches_dense_reference():
   features = random_features()
   weights = freedom.modality_weights(features, {"image": 0.1, "text": 0.9})
   assert weights == pytest.approx({"image": 0.1, "text": 0.9})
-  graph = blocks.knn_item_graph(features, 4, weights, block_size=7)
+  graph = graphs.knn_item_graph(features, 4, weights, block_size=7)
   np.testing.assert_allclose(dense(graph, N_ITEMS), reference_item_graph(features, 4, weights),
                              rtol=1e-6, atol=1e-7)
   assert np.all(np.diff(np.asarray(graph.receivers)) >= 0)
@@ -114,10 +114,10 @@ def test_modality_weights_rules():
 
 def test_pruned_graph_static_size_unique_and_renormalized():
   pairs = random_pairs()
-  edges = blocks.bipartite_edges(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
-  n_keep = blocks.n_kept_edges(len(pairs), 0.8)
+  edges = graphs.bipartite_edges(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
+  n_keep = graphs.n_kept_edges(len(pairs), 0.8)
   assert n_keep == round(0.2 * len(pairs))
-  prune = jax.jit(lambda r: blocks.pruned_user_item_graph(r, edges, N_USERS, N_ITEMS, 0.8))
+  prune = jax.jit(lambda r: graphs.pruned_user_item_graph(r, edges, N_USERS, N_ITEMS, 0.8))
   train_set = set(map(tuple, pairs.tolist()))
   for seed in range(3):
     graph = prune(jax.random.PRNGKey(seed))
@@ -135,7 +135,7 @@ def test_pruned_graph_static_size_unique_and_renormalized():
 def test_sampling_without_replacement_follows_successive_draw_law():
   weights = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
   keys = jax.random.split(jax.random.PRNGKey(0), 20000)
-  draw = jax.vmap(lambda r: blocks.sample_without_replacement(r, jnp.log(weights), 2))
+  draw = jax.vmap(lambda r: graphs.sample_without_replacement(r, jnp.log(weights), 2))
   samples = np.asarray(draw(keys))
   assert np.all(samples[:, 0] < samples[:, 1])  # distinct and sorted
   p = weights / weights.sum()
@@ -147,11 +147,11 @@ def test_sampling_without_replacement_follows_successive_draw_law():
 
 def test_pruning_drops_low_weight_edges_more_often():
   pairs = random_pairs()
-  edges = blocks.bipartite_edges(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
-  n_keep = blocks.n_kept_edges(len(pairs), 0.5)
+  edges = graphs.bipartite_edges(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
+  n_keep = graphs.n_kept_edges(len(pairs), 0.5)
   keys = jax.random.split(jax.random.PRNGKey(1), 2000)
   kept = np.asarray(jax.vmap(
-      lambda r: blocks.sample_without_replacement(r, edges.log_weights, n_keep))(keys))
+      lambda r: graphs.sample_without_replacement(r, edges.log_weights, n_keep))(keys))
   frequency = np.bincount(kept.reshape(-1), minlength=len(pairs)) / len(keys)
   weight = np.exp(np.asarray(edges.log_weights))
   low, high = weight <= np.quantile(weight, 0.25), weight >= np.quantile(weight, 0.75)
@@ -172,7 +172,11 @@ def setup_backbone(module, config_module, batch_size=16, **overrides):
   for key, value in overrides.items():
     setattr(getattr(config, module.__name__.split(".")[-1]), key, value)
   pairs, features = random_pairs(), random_features()
-  graph = module.build_graph(pairs, N_USERS, N_ITEMS, features, config)
+  # `graph` below is the whole StaticInputs pytree the backbone contract passes around.
+  graph = train.StaticInputs(
+      jnp.asarray(pairs), sampling.seen_items(pairs, N_USERS),
+      {k: jnp.asarray(v) for k, v in features.items()},
+      module.build_graph(pairs, N_USERS, N_ITEMS, features, config))
   info = DataInfo(N_USERS, N_ITEMS, {k: v.shape[1] for k, v in features.items()})
   params = module.init(jax.random.PRNGKey(0), info, config)
   rng = np.random.default_rng(3)
@@ -189,7 +193,7 @@ def test_backbone_jit_loss_gradients_and_shapes(module, config_module):
   @jax.jit
   def loss_and_grads(params, graph, rng):
     def loss_fn(p):
-      reps, loss = module.apply(p, graph, batch, rng, config)
+      reps, loss = module.apply(p, {}, graph, batch, rng, config)
       return loss, reps
     return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -205,8 +209,8 @@ def test_backbone_jit_loss_gradients_and_shapes(module, config_module):
     else:
       assert np.any(g != 0), name
 
-  evaluated = jax.jit(lambda p, g: module.represent(p, g, config))(params, graph)
-  again = jax.jit(lambda p, g: module.represent(p, g, config))(params, graph)
+  evaluated = jax.jit(lambda p, g: module.represent(p, {}, g, config))(params, graph)
+  again = jax.jit(lambda p, g: module.represent(p, {}, g, config))(params, graph)
   assert evaluated.users.shape == (N_USERS, size) and evaluated.items.shape == (N_ITEMS, size)
   np.testing.assert_array_equal(evaluated.items, again.items)  # deterministic
   if module is freedom:
@@ -230,7 +234,7 @@ def test_vbpr_matches_dense_reference():
   margin = np.sum(u * (pos - neg), 1)
   expected = np.mean(np.log1p(np.exp(-margin))) + config.vbpr.reg_weight * (
       (np.sum(u ** 2) + np.sum(pos ** 2) + np.sum(neg ** 2)) / len(u))
-  reps, loss = jax.jit(lambda p, g: vbpr.apply(p, g, batch, None, config))(params, graph)
+  reps, loss = jax.jit(lambda p, g: vbpr.apply(p, {}, g, batch, None, config))(params, graph)
   np.testing.assert_allclose(reps.items, items, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
@@ -261,8 +265,8 @@ def test_freedom_forward_matches_dense_reference_without_pruning(batch_size):
   expected_loss = bpr(u, exp_items[batch.pos_items], exp_items[batch.neg_items]) + 0.1 * sum(
       bpr(u, x[batch.pos_items], x[batch.neg_items]) for x in projected.values())
 
-  evaluated = jax.jit(lambda p, g: freedom.represent(p, g, config))(params, graph)
-  reps, loss = jax.jit(lambda p, g, r: freedom.apply(p, g, batch, r, config))(
+  evaluated = jax.jit(lambda p, g: freedom.represent(p, {}, g, config))(params, graph)
+  reps, loss = jax.jit(lambda p, g, r: freedom.apply(p, {}, g, batch, r, config))(
       params, graph, jax.random.PRNGKey(0))
   for got in (evaluated, reps):  # dropout 0: training graph == evaluation graph
     np.testing.assert_allclose(got.users, exp_users, rtol=1e-5, atol=1e-6)
@@ -276,11 +280,11 @@ def test_freedom_pruned_apply_propagates_on_sampled_graph():
   # With pruning on, apply must equal the same equations on the graph it sampled.
   config, _, _, graph, params, batch = setup_backbone(freedom, freedom_baby, dropout=0.6)
   rng = jax.random.PRNGKey(5)
-  pruned = blocks.pruned_user_item_graph(rng, graph["edges"], N_USERS, N_ITEMS, 0.6)
-  reps, _ = freedom.apply(params, graph, batch, rng, config)
+  pruned = graphs.pruned_user_item_graph(rng, graph.graph["edges"], N_USERS, N_ITEMS, 0.6)
+  reps, _ = freedom.apply(params, {}, graph, batch, rng, config)
   expected = freedom._forward(params, graph, pruned, config)  # pylint: disable=protected-access
   np.testing.assert_allclose(reps.users, expected.users, rtol=1e-6)
-  full = freedom.represent(params, graph, config)
+  full = freedom.represent(params, {}, graph, config)
   assert not np.allclose(reps.users, full.users)
 
 

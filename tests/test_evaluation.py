@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fettle_jax import evaluation
-from fettle_jax import sampling
 
 
 def brute_force_metrics(scores, train, heldout, k):
@@ -62,7 +61,7 @@ def test_metrics_match_brute_force(seed, tie_levels):
   ks = (1, 5, 10, 20)
   # Scores as user embeddings against identity item embeddings: user_emb @ I = scores.
   user_emb, item_emb = scores, np.eye(n_items, dtype=np.float32)
-  train_bits = sampling.interaction_bitmask(pairs_of(train), n_users, n_items)
+  train_bits = evaluation.interaction_bitmask(pairs_of(train), n_users, n_items)
   data = evaluation.build_eval_data([pairs_of(heldout)], train_bits, n_users, n_items,
                                     batch_size=8)
   got = jax.jit(functools.partial(evaluation.evaluate_embeddings, ks=ks))(user_emb, item_emb, data)
@@ -76,7 +75,7 @@ def test_two_splits_in_one_pass_match_separate_passes():
   scores, train, heldout = random_case(5)
   _, _, other = random_case(6)
   n_users, n_items = scores.shape
-  bits = sampling.interaction_bitmask(pairs_of(train), n_users, n_items)
+  bits = evaluation.interaction_bitmask(pairs_of(train), n_users, n_items)
   evaluate = jax.jit(functools.partial(evaluation.evaluate_embeddings, ks=(5, 10)))
   eye = np.eye(n_items, dtype=np.float32)
   both = evaluate(scores, eye, evaluation.build_eval_data(
@@ -96,7 +95,7 @@ def test_perfect_ranking_scores_one():
   scores = np.zeros((n_users, n_items), np.float32)
   for u, s in enumerate(heldout):
     scores[u, list(s)] = 1.0
-  bits = sampling.interaction_bitmask(np.zeros((0, 2), np.int32), n_users, n_items)
+  bits = evaluation.interaction_bitmask(np.zeros((0, 2), np.int32), n_users, n_items)
   data = evaluation.build_eval_data([pairs_of(heldout)], bits, n_users, n_items, 4)
   got = evaluation.evaluate_embeddings(scores, np.eye(n_items, dtype=np.float32), data, (2, 5))
   for name in ("recall@2", "ndcg@2", "map@2", "precision@2", "recall@5", "ndcg@5"):

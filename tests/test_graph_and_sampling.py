@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fettle_jax import blocks
+from fettle_jax import graphs
+from fettle_jax import evaluation
 from fettle_jax import sampling
+from fettle_jax import train
 from fettle_jax.backbones import lightgcn
 from tests.conftest import tiny_config
 
@@ -36,7 +38,8 @@ def test_lightgcn_matches_dense_reference():
   config.lightgcn.n_layers = 3
   params = lightgcn.init(jax.random.PRNGKey(0), lightgcn_info(n_users, n_items), config)
   graph = lightgcn.build_graph(pairs, n_users, n_items, {}, config)
-  reps = lightgcn.represent(params, graph, config)
+  static = train.StaticInputs(jnp.asarray(pairs), sampling.seen_items(pairs, n_users), {}, graph)
+  reps = lightgcn.represent(params, {}, static, config)
   ego = np.concatenate([params["user_embedding"], params["item_embedding"]]).astype(np.float64)
   expected = dense_lightgcn(pairs, n_users, n_items, ego, 3)
   chex.assert_trees_all_close(np.asarray(reps.users), expected[:n_users], rtol=1e-5, atol=1e-6)
@@ -52,10 +55,10 @@ def test_propagate_gradient_is_the_transpose():
   rng = np.random.default_rng(1)
   pairs = np.stack([rng.integers(0, 9, 30), rng.integers(0, 7, 30)], 1)
   pairs = np.unique(pairs, axis=0)
-  graph = blocks.user_item_graph(pairs[:, 0], pairs[:, 1], 9, 7)
+  graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], 9, 7)
   x = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
   probe = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-  grad = jax.grad(lambda v: jnp.sum(blocks.propagate(graph, v) * probe))(x)
+  grad = jax.grad(lambda v: jnp.sum(graphs.propagate(graph, v) * probe))(x)
   dense = np.zeros((16, 16))
   np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)), np.asarray(graph.weights))
   chex.assert_trees_all_close(np.asarray(grad), dense.T @ np.asarray(probe), rtol=1e-5, atol=1e-6)
@@ -68,10 +71,10 @@ def test_bitmask_membership_and_rows():
                     axis=0)
   dense = np.zeros((n_users, n_items), bool)
   dense[pairs[:, 0], pairs[:, 1]] = True
-  bits = jnp.asarray(sampling.interaction_bitmask(pairs, n_users, n_items))
+  bits = jnp.asarray(evaluation.interaction_bitmask(pairs, n_users, n_items))
   users, items = np.meshgrid(np.arange(n_users), np.arange(n_items), indexing="ij")
-  np.testing.assert_array_equal(sampling.has_interaction(bits, users, items), dense)
-  np.testing.assert_array_equal(sampling.unpack_rows(bits, jnp.arange(n_users), n_items), dense)
+  np.testing.assert_array_equal(evaluation.has_interaction(bits, users, items), dense)
+  np.testing.assert_array_equal(evaluation.unpack_rows(bits, jnp.arange(n_users), n_items), dense)
 
 
 def test_negatives_are_never_train_items_and_epoch_covers_train():
@@ -116,16 +119,16 @@ def test_epoch_batches_are_reproducible():
 def test_symmetric_propagation_and_its_gradient_match_dense():
   rng = np.random.default_rng(4)
   pairs = np.unique(np.stack([rng.integers(0, 12, 50), rng.integers(0, 9, 50)], 1), axis=0)
-  graph = blocks.user_item_graph(pairs[:, 0], pairs[:, 1], 12, 9)
+  graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], 12, 9)
   dense = np.zeros((21, 21))
   np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
             np.asarray(graph.weights))
   np.testing.assert_allclose(dense, dense.T, atol=1e-7)  # the user-item graph is symmetric
   x = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
   probe = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
-  chex.assert_trees_all_close(np.asarray(jax.jit(blocks.propagate_symmetric)(graph, x)),
+  chex.assert_trees_all_close(np.asarray(jax.jit(graphs.propagate_symmetric)(graph, x)),
                               dense @ np.asarray(x), rtol=1e-5, atol=1e-6)
-  grad = jax.grad(lambda v: jnp.sum(blocks.propagate_symmetric(graph, v) * probe))(x)
+  grad = jax.grad(lambda v: jnp.sum(graphs.propagate_symmetric(graph, v) * probe))(x)
   chex.assert_trees_all_close(np.asarray(grad), dense.T @ np.asarray(probe), rtol=1e-5, atol=1e-6)
-  chex.assert_trees_all_close(blocks.propagate_symmetric(graph, x), blocks.propagate(graph, x),
+  chex.assert_trees_all_close(graphs.propagate_symmetric(graph, x), graphs.propagate(graph, x),
                               rtol=1e-5, atol=1e-6)

@@ -12,8 +12,9 @@ from typing import Dict, Tuple
 import jax.numpy as jnp
 import ml_collections
 
-from fettle_jax.alignment.fettle import batch_modality_embeddings, l2_normalize, modality_names
-from fettle_jax.blocks import init_feature_projectors
+from fettle_jax.alignment.modalities import batch_modality_embeddings, modality_names
+from fettle_jax.layers import init_feature_projectors
+from fettle_jax.losses import cosine_distance
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 
 
@@ -30,8 +31,7 @@ def cosine_alignment_loss(item_emb_by_modality: Array) -> Array:
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
     return jnp.zeros((), item_emb_by_modality.dtype)
-  unit = l2_normalize(item_emb_by_modality)
-  distances = [1.0 - jnp.sum(unit[:, m] * unit[:, n], axis=-1)
+  distances = [cosine_distance(item_emb_by_modality[:, m], item_emb_by_modality[:, n])
                for m, n in itertools.combinations(range(n_modalities), 2)]
   return jnp.mean(jnp.stack(distances))
 

@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fettle_jax.blocks import init_feature_projectors, init_linear, linear, xavier_uniform
+from fettle_jax.alignment.modalities import (all_item_modality_embeddings,
+                                             batch_modality_embeddings, modality_names)
+from fettle_jax.layers import init_feature_projectors, init_linear, linear, xavier_uniform
+from fettle_jax.losses import info_nce_from_logits, l2_normalize, masked_mean
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 
-ID_MODALITY = "id"
-_NORM_EPS = 1e-12
 _MASKED_LOGIT = -1e30  # a key left out of a softmax: exp(-1e30 / T) == 0 in float32
 
 
@@ -73,11 +74,6 @@ def default_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- helpers
 
 
-def modality_names(content_modalities: Sequence[str]) -> List[str]:
-  """M = [ID] + sorted content modalities; the list index is the tie-break order of Eq. 5."""
-  return [ID_MODALITY] + sorted(content_modalities)
-
-
 def ordered_pairs(n_modalities: int) -> List[Tuple[int, int]]:
   """All |M|(|M|-1) ordered modality pairs (m, n), m != n."""
   return [(m, n) for m, n in itertools.permutations(range(n_modalities), 2)]
@@ -85,12 +81,6 @@ def ordered_pairs(n_modalities: int) -> List[Tuple[int, int]]:
 
 def direction_name(names: Sequence[str], m: int, n: int) -> str:
   return f"{names[m]}->{names[n]}"
-
-
-def l2_normalize(x: Array, axis: int = -1) -> Array:
-  """x / max(||x||, eps), like torch's F.normalize (finite gradient at 0)."""
-  sq = jnp.sum(x * x, axis=axis, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS ** 2))
 
 
 def init_residual_ffn(rng: Array, dim: int, hidden: int) -> dict:
@@ -102,34 +92,6 @@ def init_residual_ffn(rng: Array, dim: int, hidden: int) -> dict:
 def residual_ffn(params: dict, x: Array) -> Array:
   """i^{m->n} = i^m + f^{m->n}(i^m) (Eq. 3): the residual says what m must gain to match n."""
   return x + linear(params["output"], jax.nn.relu(linear(params["hidden"], x)))
-
-
-def batch_modality_embeddings(projectors: dict, reps: Representations, features: dict,
-                              item_ids: Array, names: Sequence[str],
-                              use_backbone_modalities: bool) -> Array:
-  """i^m for the given items and every m in `names`, stacked to [len(item_ids), |M|, L].
-
-  ID is reps.items; a content modality comes from reps.modality_items[m] when the backbone
-  provides it (and use_backbone_modalities), else from our projector of features[m] (Sec 3,
-  "pre-processing the input"). Gathering features before projecting keeps the cost at
-  O(|ids| d_m L) instead of O(n_items d_m L).
-  """
-  per_modality = []
-  for name in names:
-    if name == ID_MODALITY:
-      per_modality.append(reps.items[item_ids])
-    elif use_backbone_modalities and name in reps.modality_items:
-      per_modality.append(reps.modality_items[name][item_ids])
-    else:
-      per_modality.append(linear(projectors[name], features[name][item_ids]))
-  return jnp.stack(per_modality, axis=1)
-
-
-def all_item_modality_embeddings(projectors: dict, reps: Representations, features: dict,
-                                 names: Sequence[str], use_backbone_modalities: bool) -> Array:
-  """i^m for all items, [n_items, |M|, L] (needed by ILA's 'all' negatives, Eq. 4)."""
-  return batch_modality_embeddings(projectors, reps, features, jnp.arange(reps.items.shape[0]),
-                                   names, use_backbone_modalities)
 
 
 class BatchItems(NamedTuple):
@@ -155,12 +117,6 @@ def segment_mean(values: Array, segment_ids: Array, counts: Array) -> Array:
   sums = jax.ops.segment_sum(values, segment_ids, num_segments=counts.shape[0])
   denom = jnp.maximum(counts, 1).astype(values.dtype)
   return sums / denom.reshape((-1,) + (1,) * (values.ndim - 1))
-
-
-def masked_mean(values: Array, mask: Array) -> Array:
-  """Mean over masked-in entries; `where`, not a product, so inf/nan in padding cannot leak."""
-  total = jnp.sum(jnp.where(mask, values, 0.0))
-  return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 # ------------------------------------------------------------- Eq. 2, 5: feedback, directions
@@ -267,16 +223,6 @@ def direction_queries(ffn_params: dict, item_emb_by_modality: Array, directions:
                           tuple(pairs))
 
 
-def info_nce_loss(queries: Array, keys: Array, positive_index: Array, key_mask: Array,
-                  temperature: float) -> Array:
-  """-log softmax_j(sim(q, k_j) / T) at j = positive, per query (cosine similarity)."""
-  logits = l2_normalize(queries) @ l2_normalize(keys).T / temperature
-  if key_mask is not None:
-    logits = jnp.where(key_mask[None, :], logits, -jnp.inf)
-  positive = jnp.take_along_axis(logits, positive_index[:, None], axis=1)[:, 0]
-  return jax.nn.logsumexp(logits, axis=1) - positive
-
-
 def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
                               positive_index: Array, key_mask: Array, valid: Array,
                               temperature: float) -> Array:
@@ -306,7 +252,7 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
     pair_queries = jnp.concatenate([unit[r] * flag, unit[r] * (1.0 - flag), ones], axis=-1)
     logits = pair_queries @ pair_keys.T / temperature  # [U, K]
     positive = jnp.sum(pair_queries * pair_keys[positive_index], axis=-1) / temperature
-    nce.append(jax.nn.logsumexp(logits, axis=-1) - positive)
+    nce.append(info_nce_from_logits(logits, positive))
   nce = jnp.stack(nce)  # [R, U]
   n_directions = jnp.sum(directed.active.astype(nce.dtype), axis=0)
   per_item = (jnp.sum(jnp.where(directed.active, nce, 0.0), axis=0)
@@ -523,6 +469,12 @@ class TermIndex(NamedTuple):
   all_keys: Any          # [n_items, |M|, L] i^m of every item ('all' negatives), or None
 
 
+class TermLayout(NamedTuple):
+  """Static facts the terms branch on (hashable, known at trace time)."""
+  names: Tuple[str, ...]   # M, index 0 = ID
+  unique_item_rows: bool   # L_UI^CLA's item side on the unique items (else one row per pair)
+
+
 def enabled_terms(n_modalities: int, cfg) -> List[str]:
   switches = {"ila": cfg.use_ila, "dt": cfg.use_dt, "cla_itv": cfg.use_cla,
               "cla_ui": cfg.use_cla}
@@ -530,15 +482,13 @@ def enabled_terms(n_modalities: int, cfg) -> List[str]:
   return [name for name in TERMS if switches[name] and (item_level or name == "cla_ui")]
 
 
-def alignment_term(name: str, inputs: TermInputs, index: TermIndex, names: Sequence[str],
-                   cfg, unique_item_rows: bool) -> Array:
-  """One unweighted term: L^ILA, L^DT (Eq. 3-6), L_ITV^CLA (Eq. 7-8) or L_UI^CLA (Eq. 9).
-
-  unique_item_rows: L_UI^CLA's item side on the unique items (else one row per pair).
-  """
+def alignment_term(name: str, inputs: TermInputs, index: TermIndex, layout: TermLayout,
+                   cfg) -> Array:
+  """One unweighted term: L^ILA, L^DT (Eq. 3-6), L_ITV^CLA (Eq. 7-8) or L_UI^CLA (Eq. 9)."""
+  names = layout.names
   if name == "cla_ui":
     users = ClusterSide(inputs.users, index.user_of_pair, index.user_counts)
-    if unique_item_rows:
+    if layout.unique_item_rows:
       items = ClusterSide(inputs.embeddings[:, 0], index.item_of_pair, index.item_counts)
     else:
       items = ClusterSide(inputs.embeddings[index.item_of_pair, 0], None, None)
@@ -609,8 +559,8 @@ def _prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
   return inputs, index
 
 
-def alignment_terms(inputs: TermInputs, index: TermIndex, names: Sequence[str], cfg,
-                    unique_item_rows: bool) -> Dict[str, Array]:
+def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
+                    cfg) -> Dict[str, Array]:
   """Every unweighted term, on the smallest static prefix of the unique-item buffer that
   holds every valid slot.
 
@@ -628,7 +578,7 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, names: Sequence[str], 
   its own gradient (any cotangent on any term is honoured).
   """
   zero = jnp.zeros((), inputs.embeddings.dtype)
-  enabled = enabled_terms(len(names), cfg)
+  enabled = enabled_terms(len(layout.names), cfg)
   if not enabled:
     return {name: zero for name in TERMS}
   user_capacity = inputs.users.shape[0]
@@ -649,8 +599,7 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, names: Sequence[str], 
   def values_branch(bucket):
     def values(inputs, index):
       inputs, index = _prefix(inputs, index, bucket)
-      return {name: alignment_term(name, inputs, index, names, cfg, unique_item_rows)
-              for name in enabled}
+      return {name: alignment_term(name, inputs, index, layout, cfg) for name in enabled}
     return values
 
   def values_and_grads_branch(bucket):
@@ -658,8 +607,8 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, names: Sequence[str], 
       out = {}
       for name in enabled:  # the prefix is taken inside: gradients keep the full shape
         out[name] = jax.value_and_grad(
-            lambda x, name=name: alignment_term(name, *_prefix(x, index, bucket), names, cfg,
-                                                unique_item_rows))(inputs)
+            lambda x, name=name: alignment_term(name, *_prefix(x, index, bucket), layout, cfg))(
+                inputs)
       return ({name: v for name, (v, _) in out.items()},
               {name: g for name, (_, g) in out.items()})
     return values_and_grads
@@ -732,12 +681,9 @@ def check_config(cfg) -> None:
       raise ValueError(f"fettle.{field} must be one of {values}, got {cfg[field]!r}")
 
 
-def loss(params: Params, reps: Representations, features: Dict[str, Array], batch: Batch,
-         rng: Array, config) -> Tuple[Array, Dict[str, Array]]:
-  """alpha (L_UI^CLA + L_ITV^CLA) + beta (L^ILA + L^DT): Eq. 11 without L^BPR."""
-  del rng  # FETTLE is deterministic given the batch
-  cfg = config.fettle
-  check_config(cfg)
+def prepare_terms(params: Params, reps: Representations, features: Dict[str, Array],
+                  batch: Batch, cfg) -> Tuple[TermInputs, TermIndex, TermLayout]:
+  """The batch's unique items and users, their embeddings and feedback (Eq. 2)."""
   names = modality_names(params["projectors"])
   n_users, n_items = reps.users.shape[0], reps.items.shape[0]
   batch_size = batch.pos_items.shape[0]
@@ -763,12 +709,20 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
     unique_users = unique_batch_items(batch.users, n_users)
     users = reps.users[unique_users.ids]
     user_of_pair, user_counts = unique_users.inverse, unique_users.counts
-  terms = alignment_terms(
-      TermInputs(item_embs, mean_users, users, params["alignment_ffn"],
-                 params["codebook_item"], params["codebook_user"]),
-      TermIndex(scores, items.valid, items.ids, items.counts, items.inverse, user_counts,
-                user_of_pair, all_keys),
-      names, cfg, unique_item_rows=n_items < batch_size)
+  return (TermInputs(item_embs, mean_users, users, params["alignment_ffn"],
+                     params["codebook_item"], params["codebook_user"]),
+          TermIndex(scores, items.valid, items.ids, items.counts, items.inverse, user_counts,
+                    user_of_pair, all_keys),
+          TermLayout(tuple(names), unique_item_rows=n_items < batch_size))
+
+
+def loss(params: Params, reps: Representations, features: Dict[str, Array], batch: Batch,
+         rng: Array, config) -> Tuple[Array, Dict[str, Array]]:
+  """alpha (L_UI^CLA + L_ITV^CLA) + beta (L^ILA + L^DT): Eq. 11 without L^BPR."""
+  del rng  # FETTLE is deterministic given the batch
+  cfg = config.fettle
+  check_config(cfg)
+  terms = alignment_terms(*prepare_terms(params, reps, features, batch, cfg), cfg)
   total = (cfg.alpha * (terms["cla_ui"] + terms["cla_itv"])
            + cfg.beta * (terms["ila"] + terms["dt"]))
   return total, terms

@@ -1,18 +1,32 @@
-"""Recommender backbones. Each is one module exposing the same pure functions:
+"""Recommender backbones. Each is one module exposing the same pure functions (contract v2):
 
+  default_config() -> ConfigDict        its own hyper-parameters (`config.<name>`);
   build_graph(train_pairs, n_users, n_items, features, config) -> pytree of arrays
-      built once per data set (graphs, features the backbone reads);
+      built once per data set on the host (graphs, neighbour lists); never a copy of the
+      features, which every function reads from `static.features`;
   init(rng, data_info, config) -> params;
-  apply(params, graph, batch, rng, config) -> (Representations, backbone loss)
-      for one training step;
-  represent(params, graph, config) -> Representations   for evaluation.
+  apply(params, model_state, static, batch, rng, config) -> (Representations, loss)
+      one training step;
+  represent(params, model_state, static, config) -> Representations   for evaluation.
 
-`config` is the whole experiment ConfigDict; a backbone reads its own section
-(`config.<name>`) and the shared `config.embedding_size`.
+Optional:
+  init_state(rng, static, config) -> model_state     non-trainable state (default {}),
+      checkpointed and resumed with the parameters;
+  epoch_start(params, model_state, static, rng, config) -> model_state
+      called at the start of every epoch inside the compiled epoch (per-epoch graph views,
+      k-means prototypes, pruned graphs, ...).
+
+`static` is the train loop's StaticInputs (train_pairs, seen, features, graph), one pytree
+on device; `config` is the whole experiment ConfigDict (the backbone reads its own section
+and the shared `config.embedding_size`).
 """
 
 import importlib
 import types
+
+# The epoch hook's random stream: fold_in(epoch rng, EPOCH_HOOK_STREAM), apart from the
+# batch and step streams (split(epoch rng)), so adding a hook changes no other draw.
+EPOCH_HOOK_STREAM = 0x5EED
 
 
 def get_backbone(name: str) -> types.ModuleType:
@@ -22,3 +36,10 @@ def get_backbone(name: str) -> types.ModuleType:
     if e.name != f"fettle_jax.backbones.{name}":
       raise
     raise ValueError(f"unknown backbone {name!r}") from None
+
+
+def init_state(backbone: types.ModuleType, rng, static, config):
+  """The backbone's initial non-trainable state; {} for backbones that keep none."""
+  if hasattr(backbone, "init_state"):
+    return backbone.init_state(rng, static, config)
+  return {}

@@ -1,7 +1,15 @@
 """BPR-MF (Rendle et al., UAI'09): matrix factorization trained with the BPR loss."""
 
-from fettle_jax import blocks
+import ml_collections
+
+from fettle_jax import layers
+from fettle_jax import losses
 from fettle_jax.types import Batch, DataInfo, Representations
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.bpr`."""
+  return ml_collections.ConfigDict({"reg_weight": 1e-5})  # float: L2 on batch embeddings
 
 
 def build_graph(train_pairs, n_users, n_items, features, config):
@@ -10,16 +18,16 @@ def build_graph(train_pairs, n_users, n_items, features, config):
 
 
 def init(rng, data_info: DataInfo, config):
-  return blocks.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
+  return layers.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
                                       config.embedding_size)
 
 
-def represent(params, graph, config) -> Representations:
-  del graph, config
+def represent(params, model_state, static, config) -> Representations:
+  del model_state, static, config
   return Representations(params["user_embedding"], params["item_embedding"], {})
 
 
-def apply(params, graph, batch: Batch, rng, config):
+def apply(params, model_state, static, batch: Batch, rng, config):
   del rng
-  reps = represent(params, graph, config)
-  return reps, blocks.regularized_bpr_loss(reps.users, reps.items, batch, config.bpr.reg_weight)
+  reps = represent(params, model_state, static, config)
+  return reps, losses.regularized_bpr_loss(reps.users, reps.items, batch, config.bpr.reg_weight)

@@ -6,7 +6,7 @@ weights w_m; built ONCE here (`build_graph`) and never learned. Item ID embeddin
 n_mm_layers times on it: h~ = S^L h (the last layer, no layer mean).
 Denoising (degree-sensitive edge pruning): each training step keeps round((1 - dropout)|E|)
 user-item edges sampled without replacement with p ~ 1 / sqrt(d_u d_i)
-(`blocks.pruned_user_item_graph`) and renormalizes them; LightGCN propagation over
+(`graphs.pruned_user_item_graph`) and renormalizes them; LightGCN propagation over
 n_ui_layers, the mean of layers 0..K as readout.
 Final reps: u = u^ui, i = i^ui + h~_i. Loss: BPR(u, i) + reg_weight * sum_m
 BPR(u, W_m x^m + b_m), the projected raw features i^m = W_m x^m + b_m being FREEDOM's own
@@ -26,10 +26,28 @@ from typing import Dict, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from fettle_jax import blocks
+from fettle_jax import graphs
+from fettle_jax import layers
+from fettle_jax import losses
 from fettle_jax.types import Batch, DataInfo, Representations
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.freedom`; MMRec's FREEDOM values."""
+  return ml_collections.ConfigDict({
+      "knn_k": 10,  # int: neighbours per item in each modality's frozen kNN graph; MMRec 10
+      # dict[str, float]: w_m of the summed item-item graph; MMRec mm_image_weight 0.1 ->
+      # image 0.1, text 0.9; renormalized over present modalities, equal if one is unlisted.
+      "modality_weights": ml_collections.ConfigDict({"image": 0.1, "text": 0.9}),
+      "knn_block_size": 1024,  # int: item rows per block of the exact top-k (memory, not math)
+      "n_mm_layers": 1,  # int: propagation layers on the item-item graph; MMRec 1
+      "n_ui_layers": 2,  # int: LightGCN layers on the user-item graph (mean readout); MMRec 2
+      "dropout": 0.8,  # float: share of user-item edges pruned per step; MMRec grid {0.8, 0.9}
+      "reg_weight": 1e-4,  # float: weight of the modality BPR terms; MMRec grid {0, 1e-5..1e-3}
+  })
 
 
 def modality_weights(names: Sequence[str], configured: Dict[str, float]) -> Dict[str, float]:
@@ -56,49 +74,51 @@ def build_graph(train_pairs, n_users, n_items, features, config):
   weights = modality_weights(list(features), cfg.modality_weights)
   train_pairs = np.asarray(train_pairs)
   return {
-      "user_item": blocks.user_item_graph(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
-      "edges": blocks.bipartite_edges(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
-      "item_item": blocks.knn_item_graph(features, cfg.knn_k, weights, cfg.knn_block_size),
-      # Frozen raw features (FREEDOM does not fine-tune them), projected to L each step.
-      "features": {k: jnp.asarray(v, jnp.float32) for k, v in sorted(features.items())},
+      "user_item": graphs.user_item_graph(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
+      "edges": graphs.bipartite_edges(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
+      "item_item": graphs.knn_item_graph(features, cfg.knn_k, weights, cfg.knn_block_size),
   }
 
 
 def init(rng, data_info: DataInfo, config):
   table_rng, proj_rng = jax.random.split(rng)
   size = config.embedding_size
-  params = blocks.init_embedding_tables(table_rng, data_info.n_users, data_info.n_items, size)
-  params["projectors"] = blocks.init_feature_projectors(proj_rng, data_info.feature_dims, size)
+  params = layers.init_embedding_tables(table_rng, data_info.n_users, data_info.n_items, size)
+  params["projectors"] = layers.init_feature_projectors(proj_rng, data_info.feature_dims, size)
   return params
 
 
-def _forward(params, graph, user_item: blocks.Graph, config) -> Representations:
+def _forward(params, static, user_item: graphs.Graph, config) -> Representations:
   cfg = config.freedom
   users, items = params["user_embedding"], params["item_embedding"]
   n_users = users.shape[0]
   item_item = items
   for _ in range(cfg.n_mm_layers):  # h~ = S^L h: the frozen graph's last layer
-    item_item = blocks.propagate(graph["item_item"], item_item)
+    item_item = graphs.propagate(static.graph["item_item"], item_item)
   ego = jnp.concatenate([users, items], axis=0)
-  final = blocks.mean_of_layers(user_item, ego, cfg.n_ui_layers)
-  modality = blocks.project_features(params["projectors"], graph["features"])
+  final = graphs.mean_of_layers(user_item, ego, cfg.n_ui_layers)
+  # The frozen raw features (FREEDOM does not fine-tune them), projected to L each step.
+  modality = layers.project_features(params["projectors"], static.features)
   return Representations(final[:n_users], final[n_users:] + item_item, modality)
 
 
-def represent(params, graph, config) -> Representations:
-  return _forward(params, graph, graph["user_item"], config)
+def represent(params, model_state, static, config) -> Representations:
+  del model_state
+  return _forward(params, static, static.graph["user_item"], config)
 
 
-def apply(params, graph, batch: Batch, rng, config):
+def apply(params, model_state, static, batch: Batch, rng, config):
+  del model_state
+  graph = static.graph
   cfg = config.freedom
   if cfg.dropout > 0:
     n_users, n_items = params["user_embedding"].shape[0], params["item_embedding"].shape[0]
-    user_item = blocks.pruned_user_item_graph(rng, graph["edges"], n_users, n_items, cfg.dropout)
+    user_item = graphs.pruned_user_item_graph(rng, graph["edges"], n_users, n_items, cfg.dropout)
   else:
     user_item = graph["user_item"]
-  reps = _forward(params, graph, user_item, config)
+  reps = _forward(params, static, user_item, config)
   u = reps.users[batch.users]
-  loss = blocks.bpr_loss(u, reps.items[batch.pos_items], reps.items[batch.neg_items])
+  loss = losses.bpr_loss(u, reps.items[batch.pos_items], reps.items[batch.neg_items])
   # BPR(u, i^m_pos, i^m_neg) needs only i^m_pos - i^m_neg = W_m (x_pos - x_neg): with fewer
   # batch rows than items, one [B, d_m] x [d_m, L] product beats projecting every item (which
   # is then dead code unless an alignment loss reads reps.modality_items); 3.5x fewer FLOPs
@@ -107,10 +127,10 @@ def apply(params, graph, batch: Batch, rng, config):
   batch_is_smaller = batch.pos_items.shape[0] < params["item_embedding"].shape[0]
   for name, projector in sorted(params["projectors"].items()):
     if batch_is_smaller:
-      x = graph["features"][name]
+      x = static.features[name]
       difference = (x[batch.pos_items] - x[batch.neg_items]) @ projector["kernel"]
     else:
       x = reps.modality_items[name]
       difference = x[batch.pos_items] - x[batch.neg_items]
-    modality_loss += blocks.bpr_loss(u, difference, jnp.zeros_like(difference))
+    modality_loss += losses.bpr_loss(u, difference, jnp.zeros_like(difference))
   return reps, loss + cfg.reg_weight * modality_loss

@@ -5,36 +5,48 @@ The L2 penalty applies to the batch's ego (layer-0) embeddings, as in the paper.
 """
 
 import jax.numpy as jnp
+import ml_collections
 
-from fettle_jax import blocks
+from fettle_jax import graphs
+from fettle_jax import layers
+from fettle_jax import losses
 from fettle_jax.types import Batch, DataInfo, Representations
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.lightgcn`."""
+  return ml_collections.ConfigDict({
+      "n_layers": 2,        # int: propagation layers K
+      "reg_weight": 1e-4,   # float: L2 on the batch's ego embeddings
+  })
 
 
 def build_graph(train_pairs, n_users, n_items, features, config):
   del features, config
-  return {"user_item": blocks.user_item_graph(train_pairs[:, 0], train_pairs[:, 1],
+  return {"user_item": graphs.user_item_graph(train_pairs[:, 0], train_pairs[:, 1],
                                               n_users, n_items)}
 
 
 def init(rng, data_info: DataInfo, config):
-  return blocks.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
+  return layers.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
                                       config.embedding_size)
 
 
-def represent(params, graph, config) -> Representations:
+def represent(params, model_state, static, config) -> Representations:
+  del model_state
   users, items = params["user_embedding"], params["item_embedding"]
   n_users = users.shape[0]
   ego = jnp.concatenate([users, items], axis=0)
-  final = blocks.mean_of_layers(graph["user_item"], ego, config.lightgcn.n_layers)
+  final = graphs.mean_of_layers(static.graph["user_item"], ego, config.lightgcn.n_layers)
   return Representations(final[:n_users], final[n_users:], {})
 
 
-def apply(params, graph, batch: Batch, rng, config):
+def apply(params, model_state, static, batch: Batch, rng, config):
   del rng
-  reps = represent(params, graph, config)
-  loss = blocks.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
+  reps = represent(params, model_state, static, config)
+  loss = losses.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
                          reps.items[batch.neg_items])
-  reg = blocks.embedding_l2(params["user_embedding"][batch.users],
+  reg = losses.embedding_l2(params["user_embedding"][batch.users],
                             params["item_embedding"][batch.pos_items],
                             params["item_embedding"][batch.neg_items])
   return reps, loss + config.lightgcn.reg_weight * reg
