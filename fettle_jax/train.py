@@ -28,6 +28,7 @@ from fettle_jax import sampling
 from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
+from fettle_jax.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -180,14 +181,14 @@ def check_config(config: ml_collections.ConfigDict, n_items: int) -> None:
               "checkpoint_every_epochs")
   for name in positive:
     if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+      raise ConfigError(f"config.{name} must be positive, got {config[name]}")
   if config.max_epochs < 0 or config.learning_rate < 0:
-    raise ValueError("config.max_epochs and config.learning_rate must not be negative")
+    raise ConfigError("config.max_epochs and config.learning_rate must not be negative")
   if not config.topk or min(config.topk) <= 0 or max(config.topk) > n_items:
-    raise ValueError(f"config.topk must lie in [1, n_items={n_items}], got {tuple(config.topk)}")
+    raise ConfigError(f"config.topk must lie in [1, n_items={n_items}], got {tuple(config.topk)}")
   metric, _, k = config.selection_metric.partition("@")
   if metric not in evaluation.METRICS or not k.isdigit() or int(k) not in config.topk:
-    raise ValueError(f"config.selection_metric {config.selection_metric!r} must be one of "
+    raise ConfigError(f"config.selection_metric {config.selection_metric!r} must be one of "
                      f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
 
 

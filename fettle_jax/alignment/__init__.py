@@ -3,6 +3,7 @@
 
 import importlib
 from types import ModuleType
+from fettle_jax.errors import ConfigError
 
 ALIGNMENTS = ("fettle", "bm3", "none")
 
@@ -10,5 +11,5 @@ ALIGNMENTS = ("fettle", "bm3", "none")
 def get_alignment(name: str) -> ModuleType:
   """The alignment module called `name` ('fettle', 'bm3' or 'none')."""
   if name not in ALIGNMENTS:
-    raise ValueError(f"unknown alignment {name!r}; expected one of {ALIGNMENTS}")
+    raise ConfigError(f"unknown alignment {name!r}; expected one of {ALIGNMENTS}")
   return importlib.import_module(f"{__name__}.{name}")

@@ -38,6 +38,7 @@ from fettle_jax.alignment.modalities import (all_item_modality_embeddings,
 from fettle_jax.layers import init_feature_projectors, init_linear, linear, xavier_uniform
 from fettle_jax.losses import info_nce_from_logits, l2_normalize, masked_mean
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
+from fettle_jax.errors import ConfigError
 
 _MASKED_LOGIT = -1e30  # a key left out of a softmax: exp(-1e30 / T) == 0 in float32
 
@@ -175,7 +176,7 @@ def alignment_directions(scores: Array, valid: Array, mode: str,
   elif mode == "topmost":
     directions = topmost_directions(scores, valid)
   else:
-    raise ValueError(f"fettle.directions must be 'pairwise' or 'topmost', got {mode!r}")
+    raise ConfigError(f"fettle.directions must be 'pairwise' or 'topmost', got {mode!r}")
   if bidirectional_threshold >= 0:  # static config switch; negative means off
     directions = add_bidirectional(directions, scores, bidirectional_threshold)
   return directions
@@ -678,7 +679,7 @@ def check_config(cfg) -> None:
              "ila_negatives": ("batch", "all")}
   for field, values in allowed.items():
     if cfg[field] not in values:
-      raise ValueError(f"fettle.{field} must be one of {values}, got {cfg[field]!r}")
+      raise ConfigError(f"fettle.{field} must be one of {values}, got {cfg[field]!r}")
 
 
 def prepare_terms(params: Params, reps: Representations, features: Dict[str, Array],

@@ -23,6 +23,7 @@ and the shared `config.embedding_size`).
 
 import importlib
 import types
+from fettle_jax.errors import ConfigError
 
 # The epoch hook's random stream: fold_in(epoch rng, EPOCH_HOOK_STREAM), apart from the
 # batch and step streams (split(epoch rng)), so adding a hook changes no other draw.
@@ -35,7 +36,7 @@ def get_backbone(name: str) -> types.ModuleType:
   except ModuleNotFoundError as e:
     if e.name != f"fettle_jax.backbones.{name}":
       raise
-    raise ValueError(f"unknown backbone {name!r}") from None
+    raise ConfigError(f"unknown backbone {name!r}") from None
 
 
 def init_state(backbone: types.ModuleType, rng, static, config):

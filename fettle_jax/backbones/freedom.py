@@ -33,6 +33,7 @@ from fettle_jax import graphs
 from fettle_jax import layers
 from fettle_jax import losses
 from fettle_jax.types import Batch, DataInfo, Representations
+from fettle_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -69,7 +70,7 @@ def modality_weights(names: Sequence[str], configured: Dict[str, float]) -> Dict
 def build_graph(train_pairs, n_users, n_items, features, config):
   cfg = config.freedom
   if not features:
-    raise ValueError("FREEDOM needs at least one content modality (its item-item graph and "
+    raise ConfigError("FREEDOM needs at least one content modality (its item-item graph and "
                      "modality losses are built from the features)")
   weights = modality_weights(list(features), cfg.modality_weights)
   train_pairs = np.asarray(train_pairs)

@@ -24,12 +24,13 @@ import ml_collections
 from fettle_jax import layers
 from fettle_jax import losses
 from fettle_jax.types import Batch, DataInfo, Representations
+from fettle_jax.errors import ConfigError
 
 
 def _half(config) -> int:
   size = config.embedding_size
   if size % 2:
-    raise ValueError(f"VBPR splits embedding_size into ID and content halves; got odd {size}")
+    raise ConfigError(f"VBPR splits embedding_size into ID and content halves; got odd {size}")
   return size // 2
 
 
@@ -45,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
 def build_graph(train_pairs, n_users, n_items, features, config):
   del train_pairs, n_users, n_items, config
   if not features:
-    raise ValueError("VBPR needs at least one content modality")
+    raise ConfigError("VBPR needs at least one content modality")
   return {}
 
 
