@@ -14,8 +14,9 @@ modality embeddings (exposed as `modality_items`, which FETTLE aligns).
 `represent` (evaluation) uses the full, unpruned normalized user-item graph.
 
 Where we differ from the MMRec implementation (facts, not code, carried over):
-- the pruned graph is resampled every training step (the contract gives `apply` a per-step
-  rng and no epoch hook) instead of once per epoch; the sampling law is the same;
+- the pruned graph is resampled every training step instead of once per epoch (kept from
+  before the contract had an epoch hook: `epoch_start` could now prune once per epoch as
+  MMRec does, at the cost of changing every result so far); the sampling law is the same;
 - kept edges = round((1 - dropout)|E|) instead of int() truncation (at most 1 edge apart);
 - projector weights are Xavier-uniform, as the FETTLE paper initializes every parameter.
 Note: the projector bias b_m cancels in BPR(u, i^m_pos, i^m_neg) and gets no gradient from this
