@@ -175,8 +175,9 @@ def make_evaluate(backbone, config):
   return evaluate
 
 
-def check_config(config: ml_collections.ConfigDict, n_items: int) -> None:
-  """One-line errors for settings that would otherwise fail deep inside a compiled step."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Every check that needs no data, in one place, before the data loads: one-line
+  `ConfigError`s for settings that would otherwise fail deep inside a compiled step."""
   positive = ("batch_size", "eval_batch_size", "embedding_size", "patience",
               "checkpoint_every_epochs")
   for name in positive:
@@ -184,12 +185,23 @@ def check_config(config: ml_collections.ConfigDict, n_items: int) -> None:
       raise ConfigError(f"config.{name} must be positive, got {config[name]}")
   if config.max_epochs < 0 or config.learning_rate < 0:
     raise ConfigError("config.max_epochs and config.learning_rate must not be negative")
-  if not config.topk or min(config.topk) <= 0 or max(config.topk) > n_items:
-    raise ConfigError(f"config.topk must lie in [1, n_items={n_items}], got {tuple(config.topk)}")
+  if not config.topk or min(config.topk) <= 0:
+    raise ConfigError(f"config.topk must be positive cut-offs, got {tuple(config.topk)}")
   metric, _, k = config.selection_metric.partition("@")
   if metric not in evaluation.METRICS or not k.isdigit() or int(k) not in config.topk:
     raise ConfigError(f"config.selection_metric {config.selection_metric!r} must be one of "
-                     f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
+                      f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
+  get_backbone(config.model)  # unknown names are ConfigErrors
+  alignment = alignment_lib.get_alignment(config.alignment)
+  if hasattr(alignment, "check_config"):
+    alignment.check_config(config[config.alignment])
+
+
+def check_config_for_data(config: ml_collections.ConfigDict, n_items: int) -> None:
+  """The one check that needs the data: every K must fit the catalogue."""
+  if max(config.topk) > n_items:
+    raise ConfigError(f"config.topk must lie in [1, n_items={n_items}], got "
+                      f"{tuple(config.topk)}; pass smaller cut-offs, e.g. --config.topk=5,10")
 
 
 def median_or_none(values):
@@ -236,8 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The step functions below are new objects per run; chex counts traces per code location,
   # so reset its counter: within this run each may then trace (compile) exactly once.
   chex.clear_trace_counter()
+  check_config(config)
   data = load_data(config)
-  check_config(config, data.n_items)
+  check_config_for_data(config, data.n_items)
   print(data.summary(), flush=True)
   run = create_train_state(config, data)
   config, state = run.config, run.state

@@ -91,9 +91,8 @@ def term_rows(data, backbone_name, entry):
   reps = jax.jit(lambda p, m, g: backbone.represent(p, m, g, config))(
       params["backbone"], state.model_state, train_data)
   batch = Batch(*(b[0] for b in entry["batches"]))
-  inputs, index, layout = jax.jit(
-      lambda p, r, f, b: fettle.prepare_terms(p, r, f, b, cfg))(
-          params["alignment"], reps, train_data.features, batch)
+  inputs, index, layout = fettle.prepare_terms(params["alignment"], reps, train_data.features,
+                                               batch, cfg)  # eager: the layout is static
   n_items = int(np.sum(np.asarray(index.valid)))
   n_users = (inputs.users.shape[0] if index.user_counts is None
              else int(np.sum(np.asarray(index.user_counts) > 0)))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from fettle_jax import train
+from fettle_jax.errors import ConfigError
 from tests.conftest import tiny_config
 
 
@@ -88,9 +89,11 @@ def test_epoch_compiles_once_and_a_retrace_would_fail(tiny_mmrec, tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("batch_size", 0, "batch_size must be positive"),
-    ("topk", (5, 500), "topk must lie in"),
+    ("topk", (5, 20, 500), "topk must lie in"),
     ("selection_metric", "recall@7", "selection_metric"),
     ("selection_metric", "auc@20", "selection_metric"),
+    ("model", "gru4rec", "unknown backbone"),
+    ("alignment", "clip", "unknown alignment"),
 ])
 def test_bad_config_is_one_clear_error(tiny_mmrec, tmp_path, field, value, message):
   config = tiny_config(tiny_mmrec)
@@ -98,3 +101,15 @@ def test_bad_config_is_one_clear_error(tiny_mmrec, tmp_path, field, value, messa
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "metrics.json")
+
+
+def test_config_errors_come_before_loading_data(tmp_path, monkeypatch):
+  """A bad setting is reported before any (possibly slow) data loading or preparation."""
+  config = tiny_config(str(tmp_path / "no_such_folder"))
+  config.batch_size = 0
+  monkeypatch.setattr(train, "load_data", lambda c: pytest.fail("data loaded first"))
+  with pytest.raises(ConfigError, match="batch_size"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.batch_size, config.fettle.directions, config.alignment = 64, "cyclic", "fettle"
+  with pytest.raises(ConfigError, match="fettle.directions"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -674,7 +674,8 @@ def fit_static_shapes(config, train_pairs: np.ndarray, n_users: int, n_items: in
 
 
 def check_config(cfg) -> None:
-  """One-line errors for the string-valued switches (checked at trace time)."""
+  """One-line errors for the string-valued switches (`config.fettle`); the train loop calls
+  it before loading data, the loss again at trace time."""
   allowed = {"directions": ("pairwise", "topmost"), "dt_similarity": ("cosine", "dot"),
              "ila_negatives": ("batch", "all")}
   for field, values in allowed.items():
