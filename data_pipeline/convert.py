@@ -1,6 +1,12 @@
-"""Converts a LATTICE JSON split folder to MMRec's format.
+"""Converts a LATTICE JSON split folder to MMRec's format, or renumbers ids to 0..n-1.
 
   python -m data_pipeline.convert --src ../shared/data/amazon-baby-5core --out data/baby --name baby
+  python -m data_pipeline.convert --src raw/ --out data/clean --name clean --remap
+
+--remap reads either format without the 0..n-1 id rule, renumbers users and items in
+increasing order of their original ids, keeps the feature rows of the items that occur (row
+k = new item k; an original id with no feature row is an error) and writes `user_ids.txt` /
+`item_ids.txt` (line k = the original id of new id k).
 """
 
 import os
@@ -10,12 +16,13 @@ from absl import app
 from absl import flags
 
 from data_pipeline.errors import DataError
-from data_pipeline.lattice import convert_to_mmrec
+from data_pipeline.lattice import convert_to_mmrec, remap_to_mmrec
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "LATTICE-format folder (train.json, val.json, test.json).")
 flags.DEFINE_string("out", None, "Output folder for the MMRec-format data set.")
 flags.DEFINE_string("name", None, "Data set name: the output is <out>/<name>.inter.")
+flags.DEFINE_bool("remap", False, "Renumber user and item ids to 0..n-1 (either input format).")
 
 
 def main(argv):
@@ -23,7 +30,8 @@ def main(argv):
   if not (FLAGS.src and FLAGS.out and FLAGS.name):
     sys.exit("error: --src, --out and --name are required")
   try:
-    out = convert_to_mmrec(FLAGS.src, FLAGS.out, FLAGS.name)
+    convert = remap_to_mmrec if FLAGS.remap else convert_to_mmrec
+    out = convert(FLAGS.src, FLAGS.out, FLAGS.name)
   except DataError as e:
     sys.exit(f"error: {e}")
   print(f"wrote {os.path.join(out, FLAGS.name + '.inter')}")

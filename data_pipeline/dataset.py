@@ -58,9 +58,11 @@ def load_dataset(path: str, name: Optional[str] = None,
   """
   fmt = detect_format(path)
   if fmt == "lattice":
-    name, n_users, n_items, splits = lattice.read_splits(path, name)
+    name, _, _, splits = lattice.read_splits(path, name)
   else:
-    name, n_users, n_items, splits = mmrec.read_inter(path, name)
+    name, _, _, splits = mmrec.read_inter(path, name)
+  source = path if fmt == "lattice" else os.path.join(path, f"{name}.inter")
+  n_users, n_items = id_ranges(source, splits, feature_rows(path))
   features = load_features(path, n_items)
   if modalities is not None:
     missing = sorted(set(modalities) - set(features))
@@ -69,6 +71,51 @@ def load_dataset(path: str, name: Optional[str] = None,
                       f"{missing[0]}_feat.npy is missing (found: {sorted(features) or 'none'})")
     features = {k: features[k] for k in sorted(modalities)}
   return finalize(name, path, n_users, n_items, splits, features)
+
+
+REMAP_HINT = ("renumber them 0..n-1 with `python -m data_pipeline.convert --src DIR --out NEW "
+              "--name NAME --remap` (features follow their items)")
+
+
+def feature_rows(path: str) -> Optional[int]:
+  """Rows of the folder's first `<modality>_feat.npy` (header only), None if there is none."""
+  files = sorted(glob.glob(os.path.join(path, "*_feat.npy")))
+  if not files:
+    return None
+  try:
+    shape = np.load(files[0], mmap_mode="r", allow_pickle=False).shape
+  except (ValueError, OSError) as e:
+    raise DataError(f"{files[0]}: cannot read as a .npy array ({e})") from None
+  if len(shape) != 2:
+    raise DataError(f"{files[0]}: expected a 2-D [n_items, d] matrix, got shape {shape}")
+  return shape[0]
+
+
+def id_ranges(source: str, splits: Dict[str, np.ndarray], n_feature_rows: Optional[int]):
+  """(n_users, n_items) under the id rule: ids are 0..n-1, as in MMRec's files.
+
+  Every user id 0..max must occur in the interactions; so must every item id, unless
+  feature files fix the catalogue (n_items = their rows, items without interactions
+  allowed, every id below it). A sparse id range (one typo'd id 2,000,000,000 among 80
+  items) is refused here, before anything is sized by it.
+  """
+  pairs = np.concatenate([splits[s] for s in ("train", "valid", "test")])
+  sizes = []
+  for column, what in ((0, "user"), (1, "item")):
+    ids = pairs[:, column]
+    largest = int(ids.max()) if len(ids) else -1
+    if what == "item" and n_feature_rows is not None:
+      if largest >= n_feature_rows:
+        raise DataError(f"{source}: item id {largest} is out of range: the feature files have "
+                        f"{n_feature_rows} rows (row k is item k); {REMAP_HINT}")
+      sizes.append(n_feature_rows)
+      continue
+    distinct = len(np.unique(ids))
+    if distinct != largest + 1:
+      raise DataError(f"{source}: {what} ids are not 0..n-1 ({distinct} distinct ids, largest "
+                      f"{largest}); {REMAP_HINT}")
+    sizes.append(largest + 1)
+  return tuple(sizes)
 
 
 def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
@@ -83,7 +130,7 @@ def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
     if matrix.ndim != 2:
       raise DataError(f"{file}: expected a 2-D [n_items, d] matrix, got shape {matrix.shape}")
     if matrix.shape[0] != n_items:
-      raise DataError(f"{file}: has {matrix.shape[0]} rows but the interactions have "
+      raise DataError(f"{file}: has {matrix.shape[0]} rows but the catalogue has "
                       f"{n_items} items (row k must be item k)")
     if not np.issubdtype(matrix.dtype, np.number):
       raise DataError(f"{file}: dtype {matrix.dtype} is not numeric")

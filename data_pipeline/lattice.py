@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from data_pipeline.errors import DataError, check_ids
+from data_pipeline import mmrec
 from data_pipeline import mmrec_writer
 
 SPLIT_FILES = {"train": "train.json", "valid": "val.json", "test": "test.json"}
@@ -67,3 +68,29 @@ def convert_to_mmrec(src: str, out: str, name: str) -> str:
       shutil.copyfile(os.path.join(src, file), os.path.join(out, file))
   return out
 
+
+
+def remap_to_mmrec(src: str, out: str, name: str) -> str:
+  """Renumbers the users and items of an MMRec or LATTICE folder to 0..n-1 (see convert)."""
+  if os.path.exists(os.path.join(src, "train.json")):
+    _, _, _, splits = read_splits(src, name)
+  else:
+    _, _, _, splits = mmrec.read_inter(src, None)
+  labels = {"train": 0, "valid": 1, "test": 2}
+  pairs = np.concatenate([splits[s] for s in labels])
+  split_labels = np.concatenate([np.full(len(splits[s]), l) for s, l in labels.items()])
+  users, new_users = np.unique(pairs[:, 0], return_inverse=True)
+  items, new_items = np.unique(pairs[:, 1], return_inverse=True)
+  features = {}
+  for file in sorted(os.listdir(src)):
+    if file.endswith("_feat.npy"):
+      matrix = np.load(os.path.join(src, file), mmap_mode="r", allow_pickle=False)
+      if matrix.ndim != 2 or items[-1] >= matrix.shape[0]:
+        raise DataError(f"{os.path.join(src, file)}: no feature row for item id {items[-1]} "
+                        f"(shape {matrix.shape})")
+      features[file[:-len("_feat.npy")]] = np.asarray(matrix[items])
+  mmrec_writer.write_mmrec(out, name, new_users.reshape(-1), new_items.reshape(-1), split_labels,
+                           features)
+  for what, ids in (("user", users), ("item", items)):
+    np.savetxt(os.path.join(out, f"{what}_ids.txt"), ids, fmt="%d")
+  return out

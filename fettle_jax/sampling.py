@@ -64,15 +64,15 @@ def epoch_batches(rng: Array, train_pairs: Array, seen: SeenItems, n_items: int,
                   batch_size: int) -> Batch:
   """A shuffled epoch of BPR triples, stacked as [n_batches, batch_size] arrays.
 
-  The last batch is filled up with interactions from the start of the shuffled order so
-  every batch has the same static shape (one compiled step); at most batch_size - 1
-  interactions are seen twice in an epoch.
+  The last batch is filled up with interactions from the start of the shuffled order (wrapping
+  around it as often as needed when there are fewer interactions than one batch) so every
+  batch has the same static shape (one compiled step).
   """
   n_train = train_pairs.shape[0]
   n_batch = num_batches(n_train, batch_size)
   perm_rng, neg_rng = jax.random.split(rng)
   order = jax.random.permutation(perm_rng, n_train)
-  order = jnp.concatenate([order, order[: n_batch * batch_size - n_train]])
+  order = order[jnp.arange(n_batch * batch_size) % n_train]
   pairs = train_pairs[order]
   users, pos = pairs[:, 0], pairs[:, 1]
   neg = sample_negatives(neg_rng, seen, users, n_items)

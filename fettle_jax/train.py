@@ -91,6 +91,11 @@ def create_train_state(config: ml_collections.ConfigDict,
   """
   backbone = get_backbone(config.model)
   alignment = alignment_lib.get_alignment(config.alignment)
+  if len(data.train) < config.batch_size:  # fewer interactions than one batch: one batch of all
+    print(f"note: batch_size {config.batch_size} > {len(data.train)} train interactions; "
+          f"training on one batch of {len(data.train)} per epoch", flush=True)
+    config = config.copy_and_resolve_references()
+    config.batch_size = len(data.train)
   if hasattr(alignment, "fit_static_shapes"):  # data-derived static shapes, before compiling
     config = alignment.fit_static_shapes(config.copy_and_resolve_references(), data.train,
                                          data.n_users, data.n_items)

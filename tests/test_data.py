@@ -64,7 +64,11 @@ BAD_INTER = {
     "fractional id": ("userID\titemID\tx_label\n0\t1.5\t0\n", "non-integer value"),
     "negative id": ("userID\titemID\tx_label\n-3\t1\t0\n0\t1\t1\n0\t0\t2\n", "negative id"),
     "bad label": ("userID\titemID\tx_label\n0\t1\t7\n", "x_label must be"),
-    "empty split": ("userID\titemID\tx_label\n0\t1\t0\n0\t2\t1\n", "test split has no interactions"),
+    "empty split": ("userID\titemID\tx_label\n0\t0\t0\n0\t1\t1\n", "test split has no interactions"),
+    "sparse item ids": ("userID\titemID\tx_label\n0\t0\t0\n0\t1\t1\n0\t2000000000\t2\n",
+                        "item ids are not 0..n-1 .3 distinct ids, largest 2000000000.; renumber"),
+    "sparse user ids": ("userID\titemID\tx_label\n0\t0\t0\n7\t1\t1\n0\t2\t2\n",
+                        "user ids are not 0..n-1"),
     "no rows": ("userID\titemID\tx_label\n", "no interactions"),
     "short line": ("userID\titemID\tx_label\n0\t1\n", "fewer fields"),
 }
@@ -80,7 +84,7 @@ def test_bad_interaction_files(tmp_path, case):
 
 
 @pytest.mark.parametrize("case,matrix,message", [
-    ("rows", np.ones((2, 4), np.float32), "has 2 rows but the interactions have 3 items"),
+    ("rows", np.ones((2, 4), np.float32), "item id 2 is out of range: the feature files have 2 rows"),
     ("nan", np.array([[1, np.nan], [0, 1], [1, 1]], np.float32), "NaN/inf values in 1 rows"),
     ("inf", np.array([[1, 1], [0, np.inf], [1, 1]], np.float32), "first: item 1"),
     ("1-d", np.ones(3, np.float32), "expected a 2-D"),
@@ -91,6 +95,17 @@ def test_bad_feature_files_fail_whatever_the_model(tmp_path, case, matrix, messa
   np.save(os.path.join(path, "image_feat.npy"), matrix)
   with pytest.raises(DataError, match=message):
     dataset_lib.load_dataset(path)
+
+
+def test_feature_files_disagreeing_on_rows(tmp_path):
+  path = write_inter(tmp_path, GOOD)
+  np.save(os.path.join(path, "image_feat.npy"), np.ones((5, 4), np.float32))
+  np.save(os.path.join(path, "text_feat.npy"), np.ones((4, 2), np.float32))
+  with pytest.raises(DataError, match="text_feat.npy: has 4 rows but the catalogue has 5 items"):
+    dataset_lib.load_dataset(path)
+  os.remove(os.path.join(path, "text_feat.npy"))
+  data = dataset_lib.load_dataset(path)  # more feature rows than ids: items never interacted
+  assert data.n_items == 5
 
 
 def test_missing_folder_and_missing_modality(tmp_path):
@@ -125,9 +140,9 @@ def test_duplicates_dropped_with_a_count(tmp_path, caplog):
 
 
 def test_valid_test_users_absent_from_train_are_dropped(tmp_path):
-  text = GOOD + "5\t0\t5\t1\n5\t1\t5\t2\n"
+  text = GOOD + "2\t0\t5\t1\n2\t1\t5\t2\n"  # user 2 has no train interaction
   data = dataset_lib.load_dataset(write_inter(tmp_path, text))
-  assert 5 not in data.valid[:, 0] and 5 not in data.test[:, 0]
+  assert 2 not in data.valid[:, 0] and 2 not in data.test[:, 0]
 
 
 def test_run_py_bad_input_is_one_line_without_traceback(tmp_path):
