@@ -17,7 +17,7 @@ from ml_collections import config_flags
 # Make `configs` importable when run from elsewhere (configs import each other).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fettle_jax.errors import INPUT_ERRORS  # pylint: disable=g-import-not-at-top
+from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -44,7 +44,7 @@ def main(argv):
     train.enable_compilation_cache(_COMPILATION_CACHE.value or None)
   try:
     train.train_and_evaluate(config, workdir)
-  except INPUT_ERRORS as e:  # bad input: one line; any other exception keeps its traceback
+  except REPORTED_ERRORS as e:  # input/environment: one line; bugs keep their traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

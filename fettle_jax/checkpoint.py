@@ -1,14 +1,28 @@
 """Every Orbax call of the project lives here (its v1 API is coming; one place to change).
 
 Two managers under the workdir: `checkpoints/latest` (training state + loop state, for
-resuming) and `checkpoints/best` (parameters of the best validation epoch).
+resuming; the two newest are kept, so an unreadable newest one falls back to the one
+before) and `checkpoints/best` (parameters of the best validation epoch).
+
+Orbax writes a step into a temporary folder and renames it when complete, so a process
+killed mid-save leaves no half step behind (the temporary folder is removed at the next
+start). A write that fails (full disk, file-size limit) raises `CheckpointWriteError`
+and leaves the earlier checkpoints as they were.
 """
 
 import os
 from typing import Any, Optional, Tuple
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+from fettle_jax.errors import CheckpointWriteError, NoReadableCheckpointError
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class Checkpoints:
@@ -16,36 +30,76 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    # Synchronous saves: the train step donates the state buffers, so a background write
-    # could otherwise read a buffer the next epoch already reuses (CPU arrays are not copied).
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                           enable_async_checkpointing=False)
-    self._latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
-    self._best = ocp.CheckpointManager(os.path.join(root, "best"), options=options)
+    self.root = root
+
+    def options(keep):
+      # Synchronous saves: the train step donates the state buffers, so a background write
+      # could otherwise read a buffer the next epoch already reuses (CPU arrays are not
+      # copied).
+      return ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                          enable_async_checkpointing=False,
+                                          cleanup_tmp_directories=True)
+
+    self._latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options(2))
+    self._best = ocp.CheckpointManager(os.path.join(root, "best"), options=options(1))
 
   def latest_epoch(self) -> Optional[int]:
     return self._latest.latest_step()
 
   def save_latest(self, epoch: int, state: Any, loop_state: dict) -> None:
-    self._latest.save(epoch, args=ocp.args.Composite(
+    self._save(self._latest, epoch, ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)))
 
   def restore_latest(self, like_state: Any) -> Tuple[Any, dict]:
-    """Restores onto the structure, shapes, dtypes and shardings of `like_state`."""
+    """The newest readable (state, loop state), restored onto the structure, shapes, dtypes
+    and shardings of `like_state`; an unreadable newer step is skipped with a warning."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-    restored = self._latest.restore(self._latest.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
-    return restored.state, restored.loop
+    failures = []
+    for step in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        restored = self._latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  # any corruption: try older
+        logging.warning("checkpoint of epoch %d is unreadable (%s); trying an older one",
+                        step, _first_line(e))
+        print(f"warning: checkpoint of epoch {step} is unreadable ({_first_line(e)}); "
+              "falling back to the one before", flush=True)
+        failures.append(step)
+        continue
+      if restored.loop.get("epoch") != step:
+        failures.append(step)
+        continue
+      return restored.state, restored.loop
+    raise NoReadableCheckpointError(
+        f"{self.root}/latest: no readable checkpoint (tried epochs {failures}); move the "
+        "workdir away to start over")
 
   def save_best(self, epoch: int, params: Any) -> None:
-    self._best.save(epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    # A resumed run re-runs the epochs after its last 'latest' step and may reach a best
+    # epoch saved before the interruption again: replace it (same seed, same parameters).
+    if epoch in self._best.all_steps():
+      self._best.delete(epoch)
+    self._save(self._best, epoch, ocp.args.Composite(params=ocp.args.StandardSave(params)))
 
   def restore_best(self, like_params: Any) -> Any:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)
     return self._best.restore(self._best.latest_step(), args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract))).params
 
+  @staticmethod
+  def _save(manager, epoch: int, args) -> None:
+    try:
+      manager.save(epoch, args=args)
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # disk full, quota, size limit, ...
+      raise CheckpointWriteError(
+          f"epoch {epoch}: could not write the checkpoint to {manager.directory} "
+          f"({_first_line(e)}); the earlier checkpoints are intact, free space and rerun "
+          "to resume") from e
+
   def close(self) -> None:
     for manager in (self._latest, self._best):
-      manager.wait_until_finished()
-      manager.close()
+      try:
+        manager.wait_until_finished()
+      finally:
+        manager.close()

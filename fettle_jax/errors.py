@@ -1,6 +1,6 @@
-"""Exceptions that mean bad input, not a bug: run.py prints them as one `error:` line.
-
-Everything else (a shape bug in a new backbone, say) keeps its traceback.
+"""Exceptions that mean a problem with the input or the environment, not a bug: run.py
+prints them as one `error:` line and exits 1. Everything else (a shape bug in a new
+backbone, say) keeps its traceback.
 """
 
 from data_pipeline.errors import DataError  # noqa: F401  (bad or missing data files)
@@ -10,4 +10,21 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 
-INPUT_ERRORS = (DataError, ConfigError, FloatingPointError)
+class WorkdirWriteError(OSError):
+  """A file of the run could not be written (full disk, quota, size limit)."""
+
+
+class CheckpointWriteError(WorkdirWriteError):
+  """A checkpoint could not be written; the earlier checkpoints are intact."""
+
+
+class NoReadableCheckpointError(RuntimeError):
+  """Every checkpoint in the workdir failed to restore."""
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live process is training in the same workdir."""
+
+
+REPORTED_ERRORS = (DataError, ConfigError, FloatingPointError, WorkdirWriteError,
+                   NoReadableCheckpointError, WorkdirInUseError)

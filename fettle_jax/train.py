@@ -5,6 +5,7 @@ plug-in named by the config, trains with early stopping on validation Recall@20,
 `<workdir>/metrics.json` with the test metrics of the best *validation* epoch.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ from fettle_jax import sampling
 from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
-from fettle_jax.errors import ConfigError
+from fettle_jax.errors import ConfigError, WorkdirInUseError, WorkdirWriteError
 
 
 class TrainState(NamedTuple):
@@ -217,6 +218,32 @@ def split_metrics(metrics: Dict[str, np.ndarray], index: int) -> Dict[str, float
   return {name: float(values[index]) for name, values in sorted(metrics.items())}
 
 
+class WorkdirLock:
+  """An exclusive flock on <workdir>/.lock for the run's lifetime: a second process on the
+  same workdir stops with an error instead of interleaving checkpoints. The kernel drops
+  the lock when the holder dies (SIGKILL included), so no stale lock survives a crash."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "?"
+      self._file.close()
+      raise WorkdirInUseError(f"{workdir}: in use by another run (pid {holder}); wait for it "
+                              "or pass another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+
+  def release(self) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
 class History:
   """<workdir>/history.jsonl: one line per epoch, appended as it happens (a crashed run
   keeps its curve); on resume, lines past the restored epoch are dropped (they re-run)."""
@@ -237,8 +264,12 @@ class History:
       f.writelines(kept)
 
   def append(self, record: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise WorkdirWriteError(f"{self.path}: cannot append epoch {record.get('epoch')} "
+                              f"({e.strerror}); free space and rerun to resume") from e
 
 
 def initial_loop_state() -> dict:
@@ -248,8 +279,17 @@ def initial_loop_state() -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to early stop (or max_epochs) and returns/writes the metrics."""
+  """Trains to early stop (or max_epochs) and returns/writes the metrics; holds the
+  workdir's lock throughout, so a second process on it stops instead of interleaving."""
   os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir)
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The step functions below are new objects per run; chex counts traces per code location,
   # so reset its counter: within this run each may then trace (compile) exactly once.
   chex.clear_trace_counter()
@@ -289,8 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       losses = np.asarray(losses)
       train_seconds = time.perf_counter() - start
       if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(f"epoch {epoch}: loss is {losses.tolist()}; lower the "
-                                 "learning rate or the alignment weights")
+        raise FloatingPointError(
+            f"epoch {epoch}: loss is {losses.tolist()}; nothing of this epoch was saved (last "
+            f"checkpoint: epoch {checkpoints.latest_epoch()}); lower the learning rate or the "
+            "alignment weights")
       start = time.perf_counter()
       # One device-to-host transfer for every metric of both splits.
       metrics = jax.device_get(evaluate(state.params, state.model_state, run.static, eval_data))

@@ -1,0 +1,114 @@
+"""Faults never lose a run: kills, unreadable checkpoints, a full disk, two processes, NaN."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import train
+from fettle_jax.errors import WorkdirInUseError
+from tests.conftest import ROOT, tiny_config
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import kill_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def fettle_config(path, max_epochs):
+  config = tiny_config(path, model="freedom", alignment="fettle")
+  config.max_epochs, config.patience, config.checkpoint_every_epochs = max_epochs, 100, 1
+  return config
+
+
+def restore_latest(config, workdir):
+  like = train.create_train_state(config, train.load_data(config)).state
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  try:
+    return checkpoints.restore_latest(like)
+  finally:
+    checkpoints.close()
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec, tmp_path,
+                                                                     capsys):
+  full = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), str(tmp_path / "full"))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(fettle_config(tiny_mmrec, 3), workdir)
+  for file in glob.glob(os.path.join(workdir, "checkpoints", "latest", "3", "state", "**", "*"),
+                        recursive=True):
+    if os.path.isfile(file):
+      with open(file, "wb") as f:  # a torn write: garbage where the arrays were
+        f.write(b"\x00garbage")
+  capsys.readouterr()
+  _, loop = restore_latest(fettle_config(tiny_mmrec, 5), workdir)
+  assert loop["epoch"] == 2
+  assert "checkpoint of epoch 3 is unreadable" in capsys.readouterr().out
+  resumed = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), workdir)
+  assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_mmrec, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  code = f"""
+import resource, signal, sys
+sys.path.insert(0, {ROOT!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))  # history lines fit, arrays do not
+from tests.test_faults import fettle_config
+from fettle_jax import train
+from fettle_jax.errors import REPORTED_ERRORS
+try:
+  train.train_and_evaluate(fettle_config({tiny_mmrec!r}, 4), {workdir!r})
+except REPORTED_ERRORS as e:
+  print("error:", e)
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  lines = out.stdout.strip().splitlines()
+  assert lines and lines[-1].startswith("error: epoch 3: could not write the checkpoint"), (
+      out.stdout + out.stderr)
+  _, loop = restore_latest(fettle_config(tiny_mmrec, 4), workdir)
+  assert loop["epoch"] == 2  # the previous checkpoint is intact
+  assert train.train_and_evaluate(fettle_config(tiny_mmrec, 4), workdir)["epochs"] == 4
+
+
+def test_a_second_process_on_the_same_workdir_is_refused(tiny_mmrec, tmp_path):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  holder = train.WorkdirLock(workdir)  # another live run
+  with pytest.raises(WorkdirInUseError, match=f"in use by another run .pid {os.getpid()}"):
+    train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)
+  holder.release()
+  assert train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)["epochs"] == 1
+
+
+def test_nan_loss_names_the_epoch_and_leaves_the_last_checkpoint_usable(tiny_mmrec, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  diverging = fettle_config(tiny_mmrec, 4)
+  diverging.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match=r"epoch \d+: loss is .*last checkpoint: epoch"):
+    train.train_and_evaluate(diverging, workdir)
+  state, loop = restore_latest(fettle_config(tiny_mmrec, 4), workdir)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in
+             __import__("jax").tree_util.tree_leaves(state.params))
+  assert loop["epoch"] >= 2
+
+
+def test_kill_loop_resumes_to_identical_metrics(tiny_mmrec, tmp_path):
+  """SIGKILL at random moments (start-up, compilation, epochs, checkpoint saves), restart
+  on the same workdir each time: the same final metrics as an uninterrupted run."""
+  run_args = ["--config=" + os.path.join(ROOT, "configs", "freedom_baby.py"),
+              f"--config.data.path={tiny_mmrec}", "--config.max_epochs=6", "--config.patience=100",
+              "--config.batch_size=64", "--config.eval_batch_size=16",
+              "--config.embedding_size=8", "--config.topk=5,10,20",
+              "--config.fettle.prototypes_item=16", "--config.fettle.prototypes_user=16",
+              f"--compilation_cache={tmp_path / 'xla'}"]
+  result = kill_loop.kill_loop(run_args, str(tmp_path), kills=4, min_delay=2.0, max_delay=9.0,
+                               seed=1, log=lambda _: None)
+  assert result["killed"] == result["uninterrupted"]
+  assert result["killed"]["epochs"] == 6
