@@ -27,6 +27,14 @@ def make_interactions(n_users=40, n_items=30, per_user=8, seed=0):
   return np.array(users), np.array(items), np.array(labels)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent XLA cache for the session: tests that build the same programs (the tiny
+  configs recur) compile them once."""
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
+  return train.enable_compilation_cache(str(tmp_path_factory.mktemp("xla_cache")))
+
+
 @pytest.fixture
 def tiny_mmrec(tmp_path):
   """A tiny MMRec-format folder with image and text features; returns its path."""

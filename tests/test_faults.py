@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import kill_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def fettle_config(path, max_epochs):
-  config = tiny_config(path, model="freedom", alignment="fettle")
+def fettle_config(path, max_epochs, model="lightgcn", alignment="none"):
+  """The checkpoint machinery does not depend on the model: a cheap one by default."""
+  config = tiny_config(path, model=model, alignment=alignment)
   config.max_epochs, config.patience, config.checkpoint_every_epochs = max_epochs, 100, 1
   return config
 
@@ -57,7 +58,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_mm
 import resource, signal, sys
 sys.path.insert(0, {ROOT!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))  # history lines fit, arrays do not
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # history lines fit, arrays do not
 from tests.test_faults import fettle_config
 from fettle_jax import train
 from fettle_jax.errors import REPORTED_ERRORS
