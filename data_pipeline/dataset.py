@@ -84,7 +84,7 @@ def feature_rows(path: str) -> Optional[int]:
     return None
   try:
     shape = np.load(files[0], mmap_mode="r", allow_pickle=False).shape
-  except (ValueError, OSError) as e:
+  except Exception as e:  # pylint: disable=broad-except  # any unreadable file: one line
     raise DataError(f"{files[0]}: cannot read as a .npy array ({e})") from None
   if len(shape) != 2:
     raise DataError(f"{files[0]}: expected a 2-D [n_items, d] matrix, got shape {shape}")
@@ -125,15 +125,15 @@ def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
     modality = os.path.basename(file)[:-len("_feat.npy")]
     try:
       matrix = np.load(file, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable file: one line
       raise DataError(f"{file}: cannot read as a .npy array ({e})") from None
     if matrix.ndim != 2:
       raise DataError(f"{file}: expected a 2-D [n_items, d] matrix, got shape {matrix.shape}")
     if matrix.shape[0] != n_items:
       raise DataError(f"{file}: has {matrix.shape[0]} rows but the catalogue has "
                       f"{n_items} items (row k must be item k)")
-    if not np.issubdtype(matrix.dtype, np.number):
-      raise DataError(f"{file}: dtype {matrix.dtype} is not numeric")
+    if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
+      raise DataError(f"{file}: dtype {matrix.dtype} is not a real number type (float or int)")
     matrix = matrix.astype(np.float32)
     bad = ~np.isfinite(matrix)
     if bad.any():

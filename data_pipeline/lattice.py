@@ -21,10 +21,12 @@ def read_split_file(file: str) -> np.ndarray:
   if not os.path.exists(file):
     raise DataError(f"{file}: split file not found")
   try:
-    with open(file) as f:
+    with open(file, encoding="utf-8") as f:
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise DataError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+  except UnicodeDecodeError as e:
+    raise DataError(f"{file}: not UTF-8 text (byte {e.start}); expected JSON") from None
   if not isinstance(data, dict):
     raise DataError(f"{file}: expected an object {{\"user\": [items]}}")
   users, items = [], []
@@ -40,9 +42,9 @@ def read_split_file(file: str) -> np.ndarray:
         raise DataError(f"{file}: user {user} has a non-integer item id {item!r}")
       users.append(u)
       items.append(item)
+  for column, values in (("user", users), ("item", items)):
+    check_ids(file, column, np.array(values, np.float64))  # before int64 can overflow
   pairs = np.array([users, items], np.int64).T.reshape(-1, 2)
-  check_ids(file, "user", pairs[:, 0])
-  check_ids(file, "item", pairs[:, 1])
   return pairs
 
 

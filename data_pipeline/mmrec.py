@@ -33,8 +33,8 @@ def parse_int_column(file: str, column: str, raw: np.ndarray) -> np.ndarray:
   if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
     bad = float(values[~np.isfinite(values) | (values != np.round(values))][0])
     raise DataError(f"{file}: column {column} has a non-integer value {bad!r}")
-  values = values.astype(np.int64)
   check_ids(file, column, values)
+  values = values.astype(np.int64)
   return values
 
 
@@ -50,9 +50,13 @@ def read_inter(path: str, name: Optional[str] = None):
   """Returns (name, n_users, n_items, {split: int [n, 2] (user, item)})."""
   file = find_inter_file(path, name)
   name = os.path.basename(file)[:-len(".inter")]
-  with open(file) as f:
-    header = f.readline().rstrip("\n").split("\t")
-    rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  try:
+    with open(file, encoding="utf-8") as f:
+      header = f.readline().rstrip("\n").split("\t")
+      rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+  except UnicodeDecodeError as e:
+    raise DataError(f"{file}: not UTF-8 text (byte {e.start}); expected tab-separated "
+                    "userID, itemID, x_label") from None
   missing = [c for c in REQUIRED_COLUMNS if c not in header]
   if missing:
     raise DataError(f"{file}: missing column {missing[0]!r} (header: {header})")
