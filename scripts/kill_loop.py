@@ -29,7 +29,7 @@ _KILLS = flags.DEFINE_integer("kills", 8, "SIGKILLs before the run may finish.")
 _MIN_DELAY = flags.DEFINE_float("min_delay", 1.0, "Earliest kill, seconds after a start.")
 _MAX_DELAY = flags.DEFINE_float("max_delay", 20.0, "Latest kill, seconds after a start.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the kill moments.")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Folder for both runs (default: a temp dir).")
+_ROOT_DIR = flags.DEFINE_string("loop_dir", "", "Folder for both runs (default: a temp dir).")
 
 
 def run_command(run_args: List[str], workdir: str) -> List[str]:
@@ -69,7 +69,7 @@ def kill_loop(run_args: List[str], root: str, kills: int, min_delay: float, max_
 
 def main(argv):
   run_args = argv[1:]
-  root = _WORKDIR.value or tempfile.mkdtemp(prefix="kill_loop_")
+  root = _ROOT_DIR.value or tempfile.mkdtemp(prefix="kill_loop_")
   shutil.rmtree(os.path.join(root, "killed"), ignore_errors=True)
   shutil.rmtree(os.path.join(root, "uninterrupted"), ignore_errors=True)
   result = kill_loop(run_args, root, _KILLS.value, _MIN_DELAY.value, _MAX_DELAY.value,
