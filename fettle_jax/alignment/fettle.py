@@ -13,8 +13,10 @@ Choices where the paper is ambiguous (each also noted at the code):
 - Batch statistics live on the batch's *unique* positive items, a fixed-size buffer of
   U = min(B, n_items) slots (`jnp.unique(..., size=U)`) with a validity mask; every "sum
   over items" is a mean over the valid unique items (|I| = their number), so loss scales
-  do not grow with B. The item-level terms run on the smallest of a few static prefixes
-  of that buffer that holds every valid slot (`item_level_terms_bucketed`, exact).
+  do not grow with B. Every term runs on the smallest of a few static prefixes of that
+  buffer that holds every valid slot (`alignment_terms`, exact; the first prefix is sized
+  from the data by `fit_static_shapes`), with its gradient taken inside the chosen branch
+  (`jax.custom_vjp`: reverse-mode differentiation only).
 - Ties in Eq. 5: on s_i^m == s_i^n the modality with the lower index in M is the lower
   one, so every unordered pair gets exactly one direction.
 - Eq. 4 is printed without a minus sign; we minimize -log softmax (InfoNCE).
