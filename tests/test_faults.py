@@ -113,3 +113,27 @@ def test_kill_loop_resumes_to_identical_metrics(tiny_mmrec, tmp_path):
                                seed=1, log=lambda _: None)
   assert result["killed"] == result["uninterrupted"]
   assert result["killed"]["epochs"] == 6
+
+
+def test_a_save_cut_short_leaves_no_step_behind(tmp_path):
+  """A kill mid-save leaves Orbax's temporary folder, never a half step: it is ignored and
+  removed at the next start."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  state = {"w": jnp.arange(4.0)}
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  checkpoints.save_latest(1, state, {"epoch": 1})
+  checkpoints.save_latest(2, {"w": state["w"] + 1}, {"epoch": 2})
+  checkpoints.close()
+  partial = os.path.join(workdir, "checkpoints", "latest", "3.orbax-checkpoint-tmp-12345")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "_METADATA"), "wb") as f:
+    f.write(b"\x00half")
+  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  try:
+    assert checkpoints.latest_epoch() == 2
+    restored, loop = checkpoints.restore_latest(state)
+  finally:
+    checkpoints.close()
+  assert loop["epoch"] == 2 and np.array_equal(np.asarray(restored["w"]), np.arange(4.0) + 1)
+  assert not os.path.exists(partial)
