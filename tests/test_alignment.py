@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fettle_jax.alignment import bm3, fettle, get_alignment, none
-from fettle_jax.types import Batch, DataInfo, Representations
+from fettle_jax.types import Batch, DataInfo, ProjectedRows, Representations
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -658,3 +658,26 @@ def test_invalid_config_values_are_rejected(field, value):
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
   with pytest.raises(ValueError, match=field):
     fettle.loss(params, reps, features, batch, None, cfg)
+
+
+def test_lazy_projected_modality_rows_equal_the_full_table():
+  """A backbone may hand FETTLE ProjectedRows (only gathered rows get projected): same
+  terms, and the gradient reaches the projector either way."""
+  data_info, reps, features, batch = make_problem(seed=16)
+  rng = np.random.default_rng(16)
+  projector = {"kernel": jnp.asarray(rng.normal(size=(12, 8)), jnp.float32),
+               "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32)}
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+
+  def total(proj, lazy):
+    rows = ProjectedRows(features["image"], proj)
+    table = rows if lazy else rows.materialize()
+    r = reps._replace(modality_items={"image": table})
+    return fettle.loss(params, r, features, batch, None, cfg)[0]
+
+  lazy, lazy_grad = jax.jit(jax.value_and_grad(lambda p: total(p, True)))(projector)
+  full, full_grad = jax.jit(jax.value_and_grad(lambda p: total(p, False)))(projector)
+  chex.assert_trees_all_close(lazy, full, **TOL)
+  chex.assert_trees_all_close(lazy_grad, full_grad, **TOL)
+  assert np.abs(np.asarray(lazy_grad["kernel"])).sum() > 0

@@ -10,7 +10,7 @@ from typing import List, Sequence
 import jax.numpy as jnp
 
 from fettle_jax.layers import linear
-from fettle_jax.types import Array, Representations
+from fettle_jax.types import Array, Representations, item_rows
 
 ID_MODALITY = "id"
 
@@ -34,7 +34,7 @@ def batch_modality_embeddings(projectors: dict, reps: Representations, features:
     if name == ID_MODALITY:
       per_modality.append(reps.items[item_ids])
     elif use_backbone_modalities and name in reps.modality_items:
-      per_modality.append(reps.modality_items[name][item_ids])
+      per_modality.append(item_rows(reps.modality_items[name], item_ids))
     else:
       per_modality.append(linear(projectors[name], features[name][item_ids]))
   return jnp.stack(per_modality, axis=1)
