@@ -313,7 +313,7 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   n_prototypes = scores.shape[1]
   n_valid = jnp.maximum(jnp.sum(weight), 1.0)
   tiny = jnp.finfo(scores.dtype).tiny
-  kernel = jnp.exp((jnp.minimum(scores, 1.0) - 1.0) / epsilon)  # K, [n, P]
+  kernel = bounded_exp(scores, epsilon)  # K, [n, P]
 
   def normalize_round(_, scalings):
     r, _ = scalings
@@ -352,9 +352,18 @@ class ClusterPrediction(NamedTuple):
   log_partition: Array  # [n]
 
 
+def bounded_exp(scores: Array, temperature: float) -> Array:
+  """exp((s - 1) / T) for cosines s <= 1 (larger values clipped): in [exp(-2 / T), 1], no
+  max pass needed. Sinkhorn's kernel and the prediction's softmax share this form, so
+  with eps == lambda_c (the paper's 0.05 / 0.05) XLA computes the exp once for both."""
+  return jnp.exp((jnp.minimum(scores, 1.0) - 1.0) / temperature)
+
+
 def cluster_prediction(scores: Array, temperature: float) -> ClusterPrediction:
+  """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T): one pass, no max."""
   logits = scores / temperature
-  return ClusterPrediction(logits, jax.nn.logsumexp(logits, axis=-1))
+  log_partition = 1.0 / temperature + jnp.log(jnp.sum(bounded_exp(scores, temperature), axis=-1))
+  return ClusterPrediction(logits, log_partition)
 
 
 def code_cross_entropy(codes: Array, prediction: ClusterPrediction) -> Array:
