@@ -104,15 +104,15 @@ def test_kill_loop_resumes_to_identical_metrics(tiny_mmrec, tmp_path):
   """SIGKILL at random moments (start-up, compilation, epochs, checkpoint saves), restart
   on the same workdir each time: the same final metrics as an uninterrupted run."""
   run_args = ["--config=" + os.path.join(ROOT, "configs", "freedom_baby.py"),
-              f"--config.data.path={tiny_mmrec}", "--config.max_epochs=6", "--config.patience=100",
+              f"--config.data.path={tiny_mmrec}", "--config.max_epochs=5", "--config.patience=100",
               "--config.batch_size=64", "--config.eval_batch_size=16",
               "--config.embedding_size=8", "--config.topk=5,10,20",
               "--config.fettle.prototypes_item=16", "--config.fettle.prototypes_user=16",
               f"--compilation_cache={tmp_path / 'xla'}"]
-  result = kill_loop.kill_loop(run_args, str(tmp_path), kills=4, min_delay=2.0, max_delay=9.0,
+  result = kill_loop.kill_loop(run_args, str(tmp_path), kills=3, min_delay=2.0, max_delay=7.0,
                                seed=1, log=lambda _: None)
   assert result["killed"] == result["uninterrupted"]
-  assert result["killed"]["epochs"] == 6
+  assert result["killed"]["epochs"] == 5
 
 
 def test_a_save_cut_short_leaves_no_step_behind(tmp_path):
