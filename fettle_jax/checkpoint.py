@@ -69,6 +69,8 @@ class Checkpoints:
       if restored.loop.get("epoch") != step:
         failures.append(step)
         continue
+      for bad in failures:  # re-run epochs are saved afresh, not skipped as existing steps
+        self._latest.delete(bad)
       return restored.state, restored.loop
     raise NoReadableCheckpointError(
         f"{self.root}/latest: no readable checkpoint (tried epochs {failures}); move the "

@@ -47,6 +47,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec,
   _, loop = restore_latest(fettle_config(tiny_mmrec, 5), workdir)
   assert loop["epoch"] == 2
   assert "checkpoint of epoch 3 is unreadable" in capsys.readouterr().out
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2"]
   resumed = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), workdir)
   assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
 
