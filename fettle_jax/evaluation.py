@@ -94,6 +94,32 @@ def ranking_metrics(hits: Array, n_relevant: Array, ks: Sequence[int]) -> Dict[s
   return out
 
 
+def two_stage_top_k(scores: Array, k: int, n_blocks: int) -> Array:
+  """Indices of lax.top_k(scores, k) (ties to the lower index), computed block-wise over the
+  last axis: each of n_blocks contiguous item blocks keeps its local top-k, then the
+  n_blocks * k candidates, in block order, go through one more top-k.
+
+  The layout that evaluation over item-sharded tables needs (no top_k or sort along a
+  sharded axis): each block is what one device holds. Exact, ties included: a block keeps
+  its lowest-index ties, and candidates sit in global index order within equal values, so
+  the second top-k resolves ties across blocks as one top-k over all items would. The last
+  block is padded with -inf slots after every real item, so they lose every tie, -inf
+  scores of masked items included.
+  """
+  n_items = scores.shape[-1]
+  block = -(-n_items // n_blocks)
+  k_local = min(k, block)
+  padded = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(0, n_blocks * block - n_items)],
+                   constant_values=-jnp.inf)
+  blocks = padded.reshape(scores.shape[:-1] + (n_blocks, block))
+  values, local = jax.lax.top_k(blocks, k_local)  # [..., n_blocks, k_local]
+  index = local + block * jnp.arange(n_blocks)[:, None]
+  flat_values = values.reshape(scores.shape[:-1] + (n_blocks * k_local,))
+  flat_index = index.reshape(scores.shape[:-1] + (n_blocks * k_local,))
+  _, chosen = jax.lax.top_k(flat_values, k)
+  return jnp.take_along_axis(flat_index, chosen, axis=-1)
+
+
 def top_items(user_emb: Array, item_emb: Array, users: Array, train_bitmask: Array,
               max_k: int) -> Array:
   """Indices [len(users), max_k] of each user's best-scored items, train items excluded.

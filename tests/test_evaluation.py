@@ -4,6 +4,7 @@ import functools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,3 +102,14 @@ def test_perfect_ranking_scores_one():
   for name in ("recall@2", "ndcg@2", "map@2", "precision@2", "recall@5", "ndcg@5"):
     chex.assert_trees_all_close(float(got[name][0]), 1.0)
   chex.assert_trees_all_close(float(got["precision@5"][0]), 0.4)
+
+
+@pytest.mark.parametrize("n_items,n_blocks,k", [(103, 8, 10), (64, 4, 16), (10, 3, 10), (7, 8, 3)])
+def test_two_stage_top_k_equals_one_top_k_with_ties_and_masked_items(n_items, n_blocks, k):
+  rng = np.random.default_rng(n_items)
+  scores = rng.integers(0, 5, size=(6, n_items)).astype(np.float32)  # many exact ties
+  scores[rng.random(scores.shape) < 0.3] = -np.inf  # masked (seen) items
+  scores[0] = -np.inf  # a row with nothing to rank
+  expected = jax.lax.top_k(jnp.asarray(scores), k)[1]
+  got = evaluation.two_stage_top_k(jnp.asarray(scores), k, n_blocks)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
