@@ -26,7 +26,6 @@ Choices where the paper is ambiguous (each also noted at the code):
   (`dt_similarity`): the printed u^T i^{m->n} is unbounded and diverged in our runs.
 """
 
-import functools
 import itertools
 from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
@@ -336,13 +335,6 @@ def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
                   epsilon: float) -> Array:
   """Sinkhorn codes as fixed targets: no gradient flows into q (SwAV)."""
   return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask)
-
-
-def stacked_cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
-                          epsilon: float) -> Array:
-  """cluster_codes of each [n, P] slice of [G, n, P] scores: a separate Sinkhorn per group."""
-  codes = functools.partial(cluster_codes, n_iterations=n_iterations, epsilon=epsilon)
-  return jax.vmap(codes, in_axes=(0, None))(scores, sample_mask)
 
 
 class ClusterPrediction(NamedTuple):
