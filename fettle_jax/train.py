@@ -197,10 +197,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if metric not in evaluation.METRICS or not k.isdigit() or int(k) not in config.topk:
     raise ConfigError(f"config.selection_metric {config.selection_metric!r} must be one of "
                       f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
-  get_backbone(config.model)  # unknown names are ConfigErrors
+  backbone = get_backbone(config.model)  # unknown names are ConfigErrors
   alignment = alignment_lib.get_alignment(config.alignment)
-  if hasattr(alignment, "check_config"):
-    alignment.check_config(config[config.alignment])
+  for module, section in ((backbone, config.model), (alignment, config.alignment)):
+    if hasattr(module, "check_config"):  # the module's own fields
+      module.check_config(config[section])
 
 
 def check_config_for_data(config: ml_collections.ConfigDict, n_items: int) -> None:

@@ -317,3 +317,32 @@ def test_freedom_baby_config_is_freedom_with_fettle_at_paper_setting():
   assert (config.fettle.beta, config.fettle.alpha) == (1e-3, 1e-3)
   assert (config.fettle.temperature_feedback, config.fettle.temperature_cluster) == (0.1, 0.05)
   assert (config.fettle.prototypes_item, config.fettle.prototypes_user) == (10240, 20480)
+
+
+def test_freedom_prunes_once_per_epoch_through_the_epoch_hook(tiny_mmrec, tmp_path):
+  """prune_every='epoch' (MMRec's schedule): one graph per epoch, in the model state; the
+  epoch still compiles once, and a killed run resumes to the same metrics."""
+  config = tiny_run_config(freedom_baby, tiny_mmrec, alignment="fettle")
+  config.freedom.prune_every = "epoch"
+  config.max_epochs, config.checkpoint_every_epochs, config.patience = 4, 1, 100
+  data = train.load_data(config)
+  run = train.create_train_state(config, data)
+  graph = run.state.model_state["user_item"]
+  batch = Batch(*(b[0] for b in sampling.epoch_batches(
+      jax.random.PRNGKey(0), run.static.train_pairs, run.static.seen, data.n_items, 64)))
+  step_loss = jax.jit(lambda r: freedom.apply(run.state.params["backbone"],
+                                              run.state.model_state, run.static, batch, r,
+                                              run.config)[1])
+  assert float(step_loss(jax.random.PRNGKey(1))) == float(step_loss(jax.random.PRNGKey(2)))
+  next_state = freedom.epoch_start(run.state.params["backbone"], run.state.model_state,
+                                   run.static, jax.random.PRNGKey(3), run.config)
+  assert not np.array_equal(np.asarray(next_state["user_item"].senders), np.asarray(graph.senders))
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))  # asserts one trace
+  config.max_epochs = 2
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.max_epochs = 4
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+  config.freedom.prune_every = "batch"
+  with pytest.raises(ValueError, match="prune_every"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))

@@ -10,6 +10,7 @@
   represent(params, model_state, static, config) -> Representations   for evaluation.
 
 Optional:
+  check_config(section) -> None   one-line ConfigErrors for `config.<name>`, before data loads;
   init_state(rng, static, config) -> model_state     non-trainable state (default {}),
       checkpointed and resumed with the parameters;
   epoch_start(params, model_state, static, rng, config) -> model_state

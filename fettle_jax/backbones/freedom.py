@@ -14,9 +14,10 @@ modality embeddings (exposed as `modality_items`, which FETTLE aligns).
 `represent` (evaluation) uses the full, unpruned normalized user-item graph.
 
 Where we differ from the MMRec implementation (facts, not code, carried over):
-- the pruned graph is resampled every training step instead of once per epoch (kept from
-  before the contract had an epoch hook: `epoch_start` could now prune once per epoch as
-  MMRec does, at the cost of changing every result so far); the sampling law is the same;
+- by default the pruned graph is resampled every training step (`prune_every='step'`, the
+  setting of every result so far); `prune_every='epoch'` prunes once per epoch as MMRec
+  does, through the contract's epoch hook, the pruned graph living in the checkpointed
+  model state; the sampling law is the same either way;
 - kept edges = round((1 - dropout)|E|) instead of int() truncation (at most 1 edge apart);
 - projector weights are Xavier-uniform, as the FETTLE paper initializes every parameter.
 Note: the projector bias b_m cancels in BPR(u, i^m_pos, i^m_neg) and gets no gradient from this
@@ -33,6 +34,7 @@ import numpy as np
 from fettle_jax import graphs
 from fettle_jax import layers
 from fettle_jax import losses
+from fettle_jax.errors import ConfigError
 from fettle_jax.types import Batch, DataInfo, ProjectedRows, Representations
 from fettle_jax.errors import ConfigError
 
@@ -49,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
       "n_ui_layers": 2,  # int: LightGCN layers on the user-item graph (mean readout); MMRec 2
       "dropout": 0.8,  # float: share of user-item edges pruned per step; MMRec grid {0.8, 0.9}
       "reg_weight": 1e-4,  # float: weight of the modality BPR terms; MMRec grid {0, 1e-5..1e-3}
+      # str: 'step' resamples the pruned user-item graph every step (our results so far);
+      # 'epoch' once per epoch at epoch start, as MMRec's FREEDOM (and cheaper per step).
+      "prune_every": "step",
   })
 
 
@@ -80,6 +85,35 @@ def build_graph(train_pairs, n_users, n_items, features, config):
       "edges": graphs.bipartite_edges(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
       "item_item": graphs.knn_item_graph(features, cfg.knn_k, weights, cfg.knn_block_size),
   }
+
+
+def check_config(cfg) -> None:
+  """One-line errors for `config.freedom` (the train loop calls it before loading data)."""
+  if cfg.prune_every not in ("step", "epoch"):
+    raise ConfigError(f"freedom.prune_every must be 'step' or 'epoch', got {cfg.prune_every!r}")
+
+
+def _pruned_graph(rng, static, cfg) -> graphs.Graph:
+  n_users = static.seen.offsets.shape[0] - 1
+  n_items = next(iter(static.features.values())).shape[0]  # FREEDOM has >= 1 modality
+  return graphs.pruned_user_item_graph(rng, static.graph["edges"], n_users, n_items, cfg.dropout)
+
+
+def init_state(rng, static, config):
+  """With prune_every='epoch': the pruned user-item graph of the current epoch."""
+  cfg = config.freedom
+  check_config(cfg)
+  if cfg.prune_every != "epoch" or cfg.dropout <= 0:
+    return {}
+  return {"user_item": _pruned_graph(rng, static, cfg)}
+
+
+def epoch_start(params, model_state, static, rng, config):
+  """MMRec's FREEDOM prunes once per epoch: draw this epoch's graph (prune_every='epoch')."""
+  del params
+  if not model_state:
+    return model_state
+  return {"user_item": _pruned_graph(rng, static, config.freedom)}
 
 
 def init(rng, data_info: DataInfo, config):
@@ -116,10 +150,11 @@ def represent(params, model_state, static, config) -> Representations:
 
 
 def apply(params, model_state, static, batch: Batch, rng, config):
-  del model_state
   graph = static.graph
   cfg = config.freedom
-  if cfg.dropout > 0:
+  if "user_item" in model_state:  # prune_every='epoch': this epoch's graph
+    user_item = model_state["user_item"]
+  elif cfg.dropout > 0:
     n_users, n_items = params["user_embedding"].shape[0], params["item_embedding"].shape[0]
     user_item = graphs.pruned_user_item_graph(rng, graph["edges"], n_users, n_items, cfg.dropout)
   else:
