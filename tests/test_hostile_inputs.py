@@ -131,7 +131,7 @@ def load_or_refuse(lattice, seed, n_users, n_items, how, data):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
