@@ -58,9 +58,9 @@ def load_dataset(path: str, name: Optional[str] = None,
   """
   fmt = detect_format(path)
   if fmt == "lattice":
-    name, _, _, splits = lattice.read_splits(path, name)
+    name, splits = lattice.read_splits(path, name)
   else:
-    name, _, _, splits = mmrec.read_inter(path, name)
+    name, splits = mmrec.read_inter(path, name)
   source = path if fmt == "lattice" else os.path.join(path, f"{name}.inter")
   n_users, n_items = id_ranges(source, splits, feature_rows(path))
   features = load_features(path, n_items)

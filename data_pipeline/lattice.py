@@ -49,21 +49,30 @@ def read_split_file(file: str) -> np.ndarray:
 
 
 def read_splits(path: str, name: Optional[str] = None):
-  """Returns (name, n_users, n_items, {split: int [n, 2] (user, item)})."""
+  """Returns (name, {split: int [n, 2] (user, item)}); id ranges are checked by the caller."""
   splits = {s: read_split_file(os.path.join(path, f)) for s, f in SPLIT_FILES.items()}
   everything = np.concatenate(list(splits.values()))
   if len(everything) == 0:
     raise DataError(f"{path}: the split files hold no interactions")
   name = name or os.path.basename(os.path.normpath(path))
-  return name, int(everything[:, 0].max()) + 1, int(everything[:, 1].max()) + 1, splits
+  return name, splits
+
+
+MMREC_LABELS = {"train": mmrec_writer.TRAIN, "valid": mmrec_writer.VALID,
+                "test": mmrec_writer.TEST}  # MMRec's x_label of each split
+
+
+def _pairs_and_labels(splits):
+  """All (user, item) pairs in split order and their MMRec x_label."""
+  pairs = np.concatenate([splits[s] for s in MMREC_LABELS])
+  labels = np.concatenate([np.full(len(splits[s]), l) for s, l in MMREC_LABELS.items()])
+  return pairs, labels
 
 
 def convert_to_mmrec(src: str, out: str, name: str) -> str:
   """Writes the LATTICE split at `src` as `<out>/<name>.inter`, copying feature files along."""
-  _, _, _, splits = read_splits(src, name)
-  labels = {"train": 0, "valid": 1, "test": 2}
-  pairs = np.concatenate([splits[s] for s in labels])
-  split_labels = np.concatenate([np.full(len(splits[s]), l) for s, l in labels.items()])
+  _, splits = read_splits(src, name)
+  pairs, split_labels = _pairs_and_labels(splits)
   mmrec_writer.write_mmrec(out, name, pairs[:, 0], pairs[:, 1], split_labels)
   for file in sorted(os.listdir(src)):
     if file.endswith("_feat.npy"):
@@ -71,16 +80,13 @@ def convert_to_mmrec(src: str, out: str, name: str) -> str:
   return out
 
 
-
 def remap_to_mmrec(src: str, out: str, name: str) -> str:
   """Renumbers the users and items of an MMRec or LATTICE folder to 0..n-1 (see convert)."""
   if os.path.exists(os.path.join(src, "train.json")):
-    _, _, _, splits = read_splits(src, name)
+    _, splits = read_splits(src, name)
   else:
-    _, _, _, splits = mmrec.read_inter(src, None)
-  labels = {"train": 0, "valid": 1, "test": 2}
-  pairs = np.concatenate([splits[s] for s in labels])
-  split_labels = np.concatenate([np.full(len(splits[s]), l) for s, l in labels.items()])
+    _, splits = mmrec.read_inter(src, None)
+  pairs, split_labels = _pairs_and_labels(splits)
   users, new_users = np.unique(pairs[:, 0], return_inverse=True)
   items, new_items = np.unique(pairs[:, 1], return_inverse=True)
   features = {}

@@ -47,7 +47,7 @@ def _is_number(text: str) -> bool:
 
 
 def read_inter(path: str, name: Optional[str] = None):
-  """Returns (name, n_users, n_items, {split: int [n, 2] (user, item)})."""
+  """Returns (name, {split: int [n, 2] (user, item)}); id ranges are checked by the caller."""
   file = find_inter_file(path, name)
   name = os.path.basename(file)[:-len(".inter")]
   try:
@@ -74,4 +74,4 @@ def read_inter(path: str, name: Optional[str] = None):
     raise DataError(f"{file}: x_label must be 0 (train), 1 (valid) or 2 (test), found {unknown[0]}")
   pairs = np.stack([users, items], axis=1)
   splits = {split: pairs[labels == label] for label, split in SPLIT_OF_LABEL.items()}
-  return name, int(users.max()) + 1, int(items.max()) + 1, splits
+  return name, splits

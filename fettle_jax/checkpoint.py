@@ -25,6 +25,16 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def _is_write_failure(error: BaseException) -> bool:
+  """An OSError, or the ValueError tensorstore raises for a failed write (its status text
+  says so, e.g. 'OUT_OF_RANGE: Error writing ... Failed writing' under a file-size limit)."""
+  if isinstance(error, OSError):
+    return True
+  text = str(error)
+  return any(marker in text for marker in ("Error writing", "Failed writing",
+                                           "RESOURCE_EXHAUSTED", "No space left"))
+
+
 class Checkpoints:
   """Latest and best checkpoints of one run."""
 
@@ -93,7 +103,9 @@ class Checkpoints:
     try:
       manager.save(epoch, args=args)
       manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except  # disk full, quota, size limit, ...
+    except (OSError, ValueError) as e:  # disk full, quota, file-size limit, ...
+      if not _is_write_failure(e):
+        raise  # anything else is a bug: keep its traceback
       raise CheckpointWriteError(
           f"epoch {epoch}: could not write the checkpoint to {manager.directory} "
           f"({_first_line(e)}); the earlier checkpoints are intact, free space and rerun "

@@ -102,7 +102,7 @@ def term_rows(data, backbone_name, entry):
   rows = []
   for name in fettle.enabled_terms(len(layout.names), cfg):
     term = jax.jit(jax.value_and_grad(
-        lambda x, i, name=name: fettle.alignment_term(name, *fettle._prefix(x, i, bucket),  # pylint: disable=protected-access
+        lambda x, i, name=name: fettle.alignment_term(name, *fettle.bucket_prefix(x, i, bucket),
                                                       layout, cfg)))
     compiled = term.lower(inputs, index).compile()
     seconds = timed(compiled, inputs, index)

@@ -240,8 +240,9 @@ def test_estimated_feedback_matches_per_item_average_over_batch_pairs():
   _, reps, _, batch = make_problem(backbone_modalities=("image", "text"))
   names = ["id", "image", "text"]
   tables = {"id": reps.items, **reps.modality_items}
-  per_pair = jnp.stack([tables[m][batch.pos_items] for m in names], axis=1)
-  scores, items = fettle.estimated_feedback(reps.users[batch.users], per_pair, batch.pos_items)
+  items = fettle.unique_batch_items(batch.pos_items)
+  per_item = jnp.stack([tables[m][items.ids] for m in names], axis=1)
+  scores, _ = fettle.estimated_feedback(reps.users[batch.users], per_item, items)
   expected = np_feedback(np.asarray(reps.users, np.float64),
                          {m: np.asarray(t, np.float64) for m, t in tables.items()}, names,
                          np.asarray(batch.users), np.asarray(batch.pos_items))

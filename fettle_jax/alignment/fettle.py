@@ -124,18 +124,17 @@ def segment_mean(values: Array, segment_ids: Array, counts: Array) -> Array:
 # ------------------------------------------------------------- Eq. 2, 5: feedback, directions
 
 
-def estimated_feedback(user_emb_b: Array, item_emb_by_modality_b: Array,
-                       batch_items: Array, n_items: int = None) -> Tuple[Array, BatchItems]:
+def estimated_feedback(user_emb_b: Array, item_emb_by_modality: Array,
+                       items: BatchItems) -> Tuple[Array, Array]:
   """s_i^m = avg_{(u,i) in B} u^T i^m (Eq. 2), for the batch's unique items.
 
-  user_emb_b: [B, L] users of the batch's interacted pairs; item_emb_by_modality_b:
-  [B, |M|, L] their items' modality embeddings; batch_items: [B] item ids.
-  Returns scores [U, |M|] (row per unique-item slot, 0 on padding; U = min(B, n_items))
-  and the BatchItems.
+  user_emb_b: [B, L] users of the batch's pairs; item_emb_by_modality: [U, |M|, L] the
+  unique items' modality embeddings (slots of `items`). The average of u^T i^m over an
+  item's pairs is (the mean of its batch users)^T i^m, so each item meets each modality
+  once. Returns scores [U, |M|] (0 on padding slots) and the mean users [U, L].
   """
-  items = unique_batch_items(batch_items, n_items)
-  pair_scores = jnp.einsum("bl,bml->bm", user_emb_b, item_emb_by_modality_b)
-  return segment_mean(pair_scores, items.inverse, items.counts), items
+  mean_users = segment_mean(user_emb_b, items.inverse, items.counts)
+  return jnp.einsum("ul,uml->um", mean_users, item_emb_by_modality), mean_users
 
 
 def _lower_than(scores: Array) -> Array:
@@ -236,8 +235,9 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
   mean (not the printed sum) over the valid items.
 
   A row of pair (m, n) targets n or m per item. With the query's unit vector q and the
-  flag t (target n), [t q, (1 - t) q] . [k^n, k^m] = q . k^target: one [U, 2L] x [2L, K]
-  product per pair gives every item its own target's logits (zeros add exactly).
+  flag t (target n), [t q, (1 - t) q, 1] . [k^n, k^m, bias] = q . k^target + bias: one
+  [U, 2L + 1] x [2L + 1, K] product per pair gives every item its own target's logits
+  (zeros add exactly).
   """
   keys = l2_normalize(jax.lax.stop_gradient(target_keys))  # sg(j^n): only the source moves
   # A masked key gets logit -1e30 / T from one extra coordinate (query 1, key -1e30), so
@@ -376,8 +376,9 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   C^ITV [L, P]. Codes come from a separate Sinkhorn per modality over the valid items.
   Per item: sum over unordered pairs {m, n} of [CE(q^n, i^m) + CE(q^m, i^n)]; mean over
   valid items (1/|I|). CE is linear in the code, so the pairs regroup per predicting
-  modality m as CE(sum_{n != m} q^n, i^m): |M| cross-entropies instead of |M|(|M|-1), and
-  all modalities meet the codebook in one [|M| U, L] x [L, P] product.
+  modality m as CE(sum_{n != m} q^n, i^m): |M| cross-entropies instead of |M|(|M|-1).
+  (One product per modality: stacking them into one [|M| U, L] x [L, P] product and a
+  vmapped Sinkhorn was 2x slower on XLA:CPU.)
   """
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
@@ -385,7 +386,8 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   scores = [prototype_scores(item_emb_by_modality[:, m], codebook) for m in range(n_modalities)]
   codes = [cluster_codes(s, valid, n_iterations, epsilon) for s in scores]
   all_codes = sum(codes)
-  per_item = sum(code_cross_entropy(all_codes - codes[m], cluster_prediction(scores[m], temperature))
+  per_item = sum(code_cross_entropy(all_codes - codes[m],
+                                    cluster_prediction(scores[m], temperature))
                  for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
@@ -550,7 +552,7 @@ def buckets(item_capacity: int, user_capacity: int, typical_items: int = 0,
   return ladder
 
 
-def _prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
+def bucket_prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
   """The first unique-item slots and unique-user rows; parameters and all_keys stay whole."""
   inputs = inputs._replace(embeddings=inputs.embeddings[:bucket.items],
                            mean_users=inputs.mean_users[:bucket.items])
@@ -602,7 +604,7 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
 
   def values_branch(bucket):
     def values(inputs, index):
-      inputs, index = _prefix(inputs, index, bucket)
+      inputs, index = bucket_prefix(inputs, index, bucket)
       return {name: alignment_term(name, inputs, index, layout, cfg) for name in enabled}
     return values
 
@@ -610,9 +612,9 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
     def values_and_grads(inputs, index):
       out = {}
       for name in enabled:  # the prefix is taken inside: gradients keep the full shape
-        out[name] = jax.value_and_grad(
-            lambda x, name=name: alignment_term(name, *_prefix(x, index, bucket), layout, cfg))(
-                inputs)
+        term = lambda x, name=name: alignment_term(name, *bucket_prefix(x, index, bucket),
+                                                   layout, cfg)
+        out[name] = jax.value_and_grad(term)(inputs)
       return ({name: v for name, (v, _) in out.items()},
               {name: g for name, (_, g) in out.items()})
     return values_and_grads
@@ -697,10 +699,9 @@ def prepare_terms(params: Params, reps: Representations, features: Dict[str, Arr
   item_embs = batch_modality_embeddings(params["projectors"], reps, features, items.ids, names,
                                         cfg.use_backbone_modalities)  # [U, |M|, L]
   user_emb_b = reps.users[batch.users]
-  # Eq. 2: avg_{(u,i) in B} u^T i^m = (avg of the item's batch users)^T i^m. Directions only
-  # compare these scores, so no gradient flows through them.
-  mean_users = segment_mean(user_emb_b, items.inverse, items.counts)
-  scores = jax.lax.stop_gradient(jnp.einsum("ul,uml->um", mean_users, item_embs))
+  # Eq. 2; directions only compare these scores, so no gradient flows through them.
+  scores, mean_users = estimated_feedback(user_emb_b, item_embs, items)
+  scores = jax.lax.stop_gradient(scores)
   if cfg.dt_similarity == "cosine":
     mean_users = segment_mean(l2_normalize(user_emb_b), items.inverse, items.counts)
   all_keys = None

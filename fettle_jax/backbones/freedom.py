@@ -36,7 +36,6 @@ from fettle_jax import layers
 from fettle_jax import losses
 from fettle_jax.errors import ConfigError
 from fettle_jax.types import Batch, DataInfo, ProjectedRows, Representations
-from fettle_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -52,7 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
       "dropout": 0.8,  # float: share of user-item edges pruned per step; MMRec grid {0.8, 0.9}
       "reg_weight": 1e-4,  # float: weight of the modality BPR terms; MMRec grid {0, 1e-5..1e-3}
       # str: 'step' resamples the pruned user-item graph every step (our results so far);
-      # 'epoch' once per epoch at epoch start, as MMRec's FREEDOM (and cheaper per step).
+      # 'epoch' once per epoch at epoch start, as MMRec's FREEDOM.
       "prune_every": "step",
   })
 
@@ -150,15 +149,13 @@ def represent(params, model_state, static, config) -> Representations:
 
 
 def apply(params, model_state, static, batch: Batch, rng, config):
-  graph = static.graph
   cfg = config.freedom
   if "user_item" in model_state:  # prune_every='epoch': this epoch's graph
     user_item = model_state["user_item"]
   elif cfg.dropout > 0:
-    n_users, n_items = params["user_embedding"].shape[0], params["item_embedding"].shape[0]
-    user_item = graphs.pruned_user_item_graph(rng, graph["edges"], n_users, n_items, cfg.dropout)
+    user_item = _pruned_graph(rng, static, cfg)
   else:
-    user_item = graph["user_item"]
+    user_item = static.graph["user_item"]
   # With fewer batch rows than items, FREEDOM's own modality loss reads only feature
   # differences (below), so the modality embeddings stay lazy: an alignment loss projects
   # just the rows it gathers. Otherwise every item is projected once, for both.
