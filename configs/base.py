@@ -50,6 +50,10 @@ def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
   config.eval_batch_size = 4096       # int: users ranked per compiled evaluation batch
   config.checkpoint_every_epochs = 5  # int: how often the resumable 'latest' checkpoint is written
 
+  # Device mesh ('data' x 'model' devices; -1 = all remaining). Default: every device on
+  # 'data' (pure data parallelism); 'model' > 1 splits tables, codebooks and items ranked.
+  config.mesh = importlib.import_module("fettle_jax.sharding").default_config()
+
   # Sections from each module's default_config(); alignment sections are read only when
   # config.alignment names them.
   for name in backbone_names():

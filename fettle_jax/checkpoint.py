@@ -8,6 +8,10 @@ Orbax writes a step into a temporary folder and renames it when complete, so a p
 killed mid-save leaves no half step behind (the temporary folder is removed at the next
 start). A write that fails (full disk, file-size limit) raises `CheckpointWriteError`
 and leaves the earlier checkpoints as they were.
+
+Checkpoints hold logical shapes (no mesh padding, see `sharding.Placement.storage`) and
+restore onto the current run's mesh: a run saved on 8x1 resumes on 2x4 or on one device.
+Every process of a multi-process run calls save and restore (Orbax coordinates them).
 """
 
 import os
@@ -17,6 +21,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from fettle_jax import sharding
 from fettle_jax.errors import CheckpointWriteError, NoReadableCheckpointError
 
 
@@ -35,12 +40,39 @@ def _is_write_failure(error: BaseException) -> bool:
                                            "RESOURCE_EXHAUSTED", "No space left"))
 
 
-class Checkpoints:
-  """Latest and best checkpoints of one run."""
+class _Storage:
+  """How one pytree goes to and comes from disk: the abstract tree Orbax restores onto
+  (logical shapes, the current mesh's storage shardings) and the pad/unpad programs."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, placement: Optional[sharding.Placement], like: Any = None):
+    if placement is None:  # no mesh given: restore onto `like` as it is
+      self.to_storage = self.from_storage = None
+      self.abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+      return
+    shardings, self.to_storage, self.from_storage = placement.storage()
+    self.abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        placement.shapes, shardings)
+
+  def save_form(self, tree):
+    return tree if self.to_storage is None else self.to_storage(tree)
+
+  def run_form(self, tree):
+    return tree if self.from_storage is None else self.from_storage(tree)
+
+
+class Checkpoints:
+  """Latest and best checkpoints of one run; `placement` (the train state's) says where
+  restored arrays go and which are stored padded."""
+
+  def __init__(self, workdir: str, placement: Optional[sharding.Placement] = None):
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.root = root
+    self._state = self._params = None
+    if placement is not None:  # built once: the pad/unpad programs compile once per run
+      self._state = _Storage(placement)
+      self._params = _Storage(sharding.Placement(placement.shardings.params,
+                                                 placement.shapes.params))
 
     def options(keep):
       # Synchronous saves: the train step donates the state buffers, so a background write
@@ -57,13 +89,16 @@ class Checkpoints:
     return self._latest.latest_step()
 
   def save_latest(self, epoch: int, state: Any, loop_state: dict) -> None:
+    state = (self._state or _Storage(None, state)).save_form(state)
     self._save(self._latest, epoch, ocp.args.Composite(
         state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop_state)))
 
-  def restore_latest(self, like_state: Any) -> Tuple[Any, dict]:
-    """The newest readable (state, loop state), restored onto the structure, shapes, dtypes
-    and shardings of `like_state`; an unreadable newer step is skipped with a warning."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+  def restore_latest(self, like_state: Any = None) -> Tuple[Any, dict]:
+    """The newest readable (state, loop state), restored onto the placement's mesh (or, with
+    none, the structure, shapes, dtypes and shardings of `like_state`); an unreadable newer
+    step is skipped with a warning."""
+    storage = self._state or _Storage(None, like_state)
+    abstract = storage.abstract
     failures = []
     for step in sorted(self._latest.all_steps(), reverse=True):
       try:
@@ -81,7 +116,7 @@ class Checkpoints:
         continue
       for bad in failures:  # re-run epochs are saved afresh, not skipped as existing steps
         self._latest.delete(bad)
-      return restored.state, restored.loop
+      return storage.run_form(restored.state), restored.loop
     raise NoReadableCheckpointError(
         f"{self.root}/latest: no readable checkpoint (tried epochs {failures}); move the "
         "workdir away to start over")
@@ -91,12 +126,13 @@ class Checkpoints:
     # epoch saved before the interruption again: replace it (same seed, same parameters).
     if epoch in self._best.all_steps():
       self._best.delete(epoch)
+    params = (self._params or _Storage(None, params)).save_form(params)
     self._save(self._best, epoch, ocp.args.Composite(params=ocp.args.StandardSave(params)))
 
-  def restore_best(self, like_params: Any) -> Any:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)
-    return self._best.restore(self._best.latest_step(), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract))).params
+  def restore_best(self, like_params: Any = None) -> Any:
+    storage = self._params or _Storage(None, like_params)
+    return storage.run_form(self._best.restore(self._best.latest_step(), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(storage.abstract))).params)
 
   @staticmethod
   def _save(manager, epoch: int, args) -> None:

@@ -9,8 +9,10 @@ from typing import Dict, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from fettle_jax.sharding import DATA, MODEL
 from fettle_jax.types import Array
 
 METRICS = ("recall", "ndcg", "precision", "map")
@@ -132,15 +134,51 @@ def top_items(user_emb: Array, item_emb: Array, users: Array, train_bitmask: Arr
   return jax.lax.top_k(scores, max_k)[1]
 
 
+def top_items_sharded(mesh, user_emb: Array, item_emb: Array, users: Array,
+                      train_bitmask: Array, max_k: int) -> Array:
+  """top_items() with the items split over the mesh's 'model' axis and the users over
+  'data': each device scores its block of items, masks its users' train items, keeps its
+  local top-k; the blocks' candidates, gathered in block order, go through one more top-k
+  (two_stage_top_k's layout, exact with ties). No top_k or sort along a sharded axis. The
+  catalogue is padded to a multiple of the shard count with -inf slots after every item;
+  len(users) must divide by the 'data' size."""
+  n_items = item_emb.shape[0]
+  n_blocks = mesh.shape[MODEL]
+  block = -(-n_items // n_blocks)
+  k_local = min(max_k, block)
+  items = jnp.pad(item_emb, ((0, n_blocks * block - n_items), (0, 0)))
+  items = jax.lax.with_sharding_constraint(items, NamedSharding(mesh, P(MODEL, None)))
+  rows = jax.lax.with_sharding_constraint(user_emb[users], NamedSharding(mesh, P(DATA, None)))
+
+  def local(rows, items, users, bitmask):
+    ids = jax.lax.axis_index(MODEL) * block + jnp.arange(block)
+    words = bitmask[users][:, jnp.minimum(ids, n_items - 1) >> 5]
+    seen = ((words >> (ids & 31).astype(jnp.uint32)) & 1).astype(bool)
+    scores = jnp.where(seen | (ids >= n_items), -jnp.inf, rows @ items.T)
+    values, index = jax.lax.top_k(scores, k_local)
+    values = jax.lax.all_gather(values, MODEL, axis=1, tiled=True)  # block order
+    index = jax.lax.all_gather(ids[index], MODEL, axis=1, tiled=True)
+    _, chosen = jax.lax.top_k(values, max_k)
+    return jnp.take_along_axis(index, chosen, axis=1)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA, None), P(MODEL, None), P(DATA), P()),
+                       out_specs=P(DATA, None), check_vma=False)(rows, items, users,
+                                                                 train_bitmask)
+
+
 def evaluate_embeddings(user_emb: Array, item_emb: Array, data: EvalData,
-                        ks: Sequence[int]) -> Dict[str, Array]:
-  """Mean metrics per split: {name: float32 [n_splits]}. Jit with `ks` static."""
+                        ks: Sequence[int], mesh=None) -> Dict[str, Array]:
+  """Mean metrics per split: {name: float32 [n_splits]}. Jit with `ks` static. With a
+  `mesh` whose 'model' axis is > 1, items are ranked block-wise (`top_items_sharded`)."""
   max_k = max(ks)
   user_emb, item_emb = jnp.asarray(user_emb), jnp.asarray(item_emb)
 
   def batch_sums(args):
     users, valid = args
-    top = top_items(user_emb, item_emb, users, data.train_bitmask, max_k)
+    if mesh is None:
+      top = top_items(user_emb, item_emb, users, data.train_bitmask, max_k)
+    else:
+      top = top_items_sharded(mesh, user_emb, item_emb, users, data.train_bitmask, max_k)
     sums = {}
     for s in range(data.heldout_bitmask.shape[0]):
       hits = has_interaction(data.heldout_bitmask[s], users[:, None], top)

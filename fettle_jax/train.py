@@ -26,6 +26,7 @@ from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import evaluation
 from fettle_jax import sampling
+from fettle_jax import sharding
 from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
@@ -57,6 +58,7 @@ class Experiment(NamedTuple):
   optimizer: optax.GradientTransformation
   state: TrainState
   train_rng: jax.Array
+  layout: sharding.Layout  # the mesh; where state and static inputs live
 
 
 def enable_compilation_cache(path: str = None) -> str:
@@ -93,17 +95,19 @@ def create_train_state(config: ml_collections.ConfigDict,
   backbone = get_backbone(config.model)
   alignment = alignment_lib.get_alignment(config.alignment)
   if len(data.train) < config.batch_size:  # fewer interactions than one batch: one batch of all
-    print(f"note: batch_size {config.batch_size} > {len(data.train)} train interactions; "
-          f"training on one batch of {len(data.train)} per epoch", flush=True)
+    log(f"note: batch_size {config.batch_size} > {len(data.train)} train interactions; "
+        f"training on one batch of {len(data.train)} per epoch")
     config = config.copy_and_resolve_references()
     config.batch_size = len(data.train)
   if hasattr(alignment, "fit_static_shapes"):  # data-derived static shapes, before compiling
     config = alignment.fit_static_shapes(config.copy_and_resolve_references(), data.train,
                                          data.n_users, data.n_items)
+  mesh = sharding.make_mesh(config.mesh)
   info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
+  # Built on this process's default device (every process the same), then placed on the mesh.
   static = StaticInputs(
       jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
-      {k: jnp.asarray(v, jnp.float32) for k, v in sorted(data.features.items())},
+      {k: np.asarray(v, np.float32) for k, v in sorted(data.features.items())},
       backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config))
   backbone_rng, alignment_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   params = {"backbone": backbone.init(backbone_rng, info, config),
@@ -112,17 +116,46 @@ def create_train_state(config: ml_collections.ConfigDict,
                                              static, config)
   optimizer = make_optimizer(config)
   state = TrainState(params, optimizer.init(params), model_state)
-  return Experiment(config, backbone, alignment, info, static, optimizer, state, train_rng)
+  layout = sharding.Layout(mesh, sharding.placement(state, sharding.STATE_RULES, mesh),
+                           sharding.placement(static, sharding.STATIC_RULES, mesh))
+  state, static = layout.state.place(state), layout.static.place(static)
+  return Experiment(config, backbone, alignment, info, static, optimizer, state, train_rng,
+                    layout)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(config.learning_rate)
 
 
-def make_train_step(backbone, alignment, config, optimizer):
-  """Returns step(state, static, batch, rng) -> (state, [backbone loss, alignment loss])."""
+def under_mesh(jitted, mesh):
+  """Calls (and lowers) a jitted function under `jax.set_mesh(mesh)`, so code traced inside
+  sees the mesh (graphs.propagate_symmetric splits rows over 'model'); `.jitted` is the
+  function itself."""
+  if mesh is None:
+    return jitted
+
+  @functools.wraps(jitted)
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+
+  call.lower, call.jitted = lower, jitted
+  return call
+
+
+def make_train_step(backbone, alignment, config, optimizer, layout=None):
+  """Returns step(state, static, batch, rng) -> (state, [backbone loss, alignment loss]).
+
+  With a `layout`, the stored (possibly padded) parameters are sliced to their logical
+  shapes before the model sees them; `static` must be logical already."""
 
   def loss_fn(params, model_state, static: StaticInputs, batch: Batch, rng):
+    if layout is not None:
+      params = sharding.slice_to_shapes(params, layout.state.shapes.params)
     backbone_rng, alignment_rng = jax.random.split(rng)
     reps, backbone_loss = backbone.apply(params["backbone"], model_state, static, batch,
                                          backbone_rng, config)
@@ -140,10 +173,11 @@ def make_train_step(backbone, alignment, config, optimizer):
   return step
 
 
-def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
+def make_train_epoch(backbone, alignment, config, optimizer, n_items: int, layout=None):
   """Returns epoch(state, rng, static) -> (state, mean losses): the backbone's epoch hook,
-  then a lax.scan over the batches; one compiled program per run."""
-  step = make_train_step(backbone, alignment, config, optimizer)
+  then a lax.scan over the batches; one compiled program per run (per mesh). With a
+  `layout`, inputs and outputs keep its shardings and each batch is split over 'data'."""
+  step = make_train_step(backbone, alignment, config, optimizer, layout)
 
   def scan_body(carry, xs):
     state, static, rng = carry
@@ -151,9 +185,10 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
     state, losses = step(state, static, batch, jax.random.fold_in(rng, index))
     return (state, static, rng), losses
 
-  @functools.partial(jax.jit, donate_argnums=0)
   @chex.assert_max_traces(n=1)
   def epoch(state: TrainState, rng, static: StaticInputs):
+    if layout is not None:
+      static = layout.static.logical(static)
     batch_rng, step_rng = jax.random.split(rng)
     if hasattr(backbone, "epoch_start"):  # per-epoch structure (views, prototypes, pruning)
       state = state._replace(model_state=backbone.epoch_start(
@@ -161,24 +196,54 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int):
           jax.random.fold_in(rng, backbone_contract.EPOCH_HOOK_STREAM), config))
     batches = sampling.epoch_batches(batch_rng, static.train_pairs, static.seen, n_items,
                                      config.batch_size)
+    if layout is not None:
+      batches = layout.constrain_batches(batches)
     n_batch = batches.users.shape[0]
     (state, _, _), losses = jax.lax.scan(scan_body, (state, static, step_rng),
                                          (batches, jnp.arange(n_batch)))
     return state, jnp.mean(losses, axis=0)
 
-  return epoch
+  if layout is None:
+    return jax.jit(epoch, donate_argnums=0)
+  replicated = layout.replicated()
+  return under_mesh(jax.jit(epoch, donate_argnums=0,
+                            in_shardings=(layout.state.shardings, replicated,
+                                          layout.static.shardings),
+                            out_shardings=(layout.state.shardings, replicated)), layout.mesh)
 
 
-def make_evaluate(backbone, config):
+def make_evaluate(backbone, config, layout=None):
+  """Returns evaluate(params, model_state, static, eval_data) -> {metric: [n_splits]}; with
+  a `layout` of model > 1, items are ranked where their rows live (exact two-stage top-k)."""
   ks = tuple(config.topk)
+  rank_mesh = layout.mesh if layout is not None and layout.model_size > 1 else None
 
-  @jax.jit
   @chex.assert_max_traces(n=1)
   def evaluate(params, model_state, static: StaticInputs, eval_data: evaluation.EvalData):
+    if layout is not None:
+      params = sharding.slice_to_shapes(params, layout.state.shapes.params)
+      static = layout.static.logical(static)
     reps = backbone.represent(params["backbone"], model_state, static, config)
-    return evaluation.evaluate_embeddings(reps.users, reps.items, eval_data, ks)
+    return evaluation.evaluate_embeddings(reps.users, reps.items, eval_data, ks,
+                                          mesh=rank_mesh)
 
-  return evaluate
+  if layout is None:
+    return jax.jit(evaluate)
+  return under_mesh(jax.jit(evaluate, out_shardings=layout.replicated()), layout.mesh)
+
+
+EVAL_RULES = ((r"^(users|valid)$", sharding.P(None, sharding.DATA)),  # users over 'data'
+              (r".*", sharding.P()))
+
+
+def build_eval_data(data: dataset_lib.Dataset, config, layout) -> evaluation.EvalData:
+  """Valid and test evaluated in one pass; each batch of users split over 'data' (the batch
+  rounded up to a multiple of it), placed on the mesh."""
+  eval_data = evaluation.build_eval_data(
+      [data.valid, data.test],
+      evaluation.interaction_bitmask(data.train, data.n_users, data.n_items),
+      data.n_users, data.n_items, sharding.round_up(config.eval_batch_size, layout.data_size))
+  return sharding.placement(eval_data, EVAL_RULES, layout.mesh).place(eval_data)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -283,11 +348,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to early stop (or max_epochs) and returns/writes the metrics; holds the
   workdir's lock throughout, so a second process on it stops instead of interleaving."""
   os.makedirs(workdir, exist_ok=True)
-  lock = WorkdirLock(workdir)
+  # In a multi-process run every process shares the workdir; the first one holds the lock.
+  lock = WorkdirLock(workdir) if is_primary() else None
   try:
     return _train_and_evaluate(config, workdir)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
+
+
+def is_primary() -> bool:
+  """Process 0: the one that prints, writes history and metrics (every process trains)."""
+  return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+  if is_primary():
+    print(message, flush=True)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -297,27 +374,27 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_config(config)
   data = load_data(config)
   check_config_for_data(config, data.n_items)
-  print(data.summary(), flush=True)
+  log(data.summary())
   run = create_train_state(config, data)
-  config, state = run.config, run.state
-  eval_data = evaluation.build_eval_data(
-      [data.valid, data.test], evaluation.interaction_bitmask(data.train, data.n_users,
-                                                              data.n_items),
-      data.n_users, data.n_items, config.eval_batch_size)
+  config, state, layout = run.config, run.state, run.layout
+  log(f"mesh: data {layout.data_size} x model {layout.model_size} over "
+      f"{layout.mesh.devices.size} {jax.devices()[0].platform} device(s), "
+      f"{jax.process_count()} process(es)")
+  eval_data = build_eval_data(data, config, layout)
   data_facts = {"name": data.name, "path": data.path, "n_users": data.n_users,
                 "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
                 "n_test": len(data.test), "modalities": sorted(data.features)}
   del data  # the host copies of the features: the device holds the one we train on
   epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
-                              run.info.n_items)
-  evaluate = make_evaluate(run.backbone, config)
+                              run.info.n_items, layout)
+  evaluate = make_evaluate(run.backbone, config, layout)
 
-  checkpoints = checkpoint_lib.Checkpoints(workdir)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, layout.state)
   loop = initial_loop_state()
   if checkpoints.latest_epoch() is not None:
-    state, loop = checkpoints.restore_latest(state)
-    print(f"resumed from {workdir} at epoch {loop['epoch']}", flush=True)
-  history = History(workdir, loop["epoch"])
+    state, loop = checkpoints.restore_latest()
+    log(f"resumed from {workdir} at epoch {loop['epoch']}")
+  history = History(workdir, loop["epoch"]) if is_primary() else None
 
   selection = config.selection_metric
   first_epoch = loop["epoch"] + 1
@@ -351,17 +428,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1]),
                 f"valid_{selection}": valid[selection]}
       loop["history"].append(record)
-      history.append(dict(record, valid=valid, test=test, train_seconds=train_seconds,
-                          eval_seconds=eval_seconds))
+      if history is not None:
+        history.append(dict(record, valid=valid, test=test, train_seconds=train_seconds,
+                            eval_seconds=eval_seconds))
       if epoch > first_epoch:  # this process's first epoch includes compilation
         loop["train_seconds"].append(train_seconds)
         loop["eval_seconds"].append(eval_seconds)
       else:
         loop["first_epoch_seconds"] = train_seconds + eval_seconds
-      print(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
-            f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
-            f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s",
-            flush=True)
+      log(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
+          f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
+          f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s")
       if epoch % config.checkpoint_every_epochs == 0:
         checkpoints.save_latest(epoch, state, loop)
     if loop["epoch"] % config.checkpoint_every_epochs:
@@ -380,14 +457,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "eval_seconds": median_or_none(loop["eval_seconds"]),
       "first_epoch_seconds": loop.get("first_epoch_seconds"),
       "data": data_facts,
-      "devices": [str(d) for d in jax.devices()],
+      "devices": [str(d) for d in layout.mesh.devices.flat],
+      "mesh": {"data": layout.data_size, "model": layout.model_size,
+               "processes": jax.process_count()},
       "history": loop["history"],
       "config": config.to_dict(),
   }
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, default=str)
+  if is_primary():
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+      json.dump(result, f, indent=2, default=str)
   test = loop["best_test"]
-  print(f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
-        + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
-                   for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")), flush=True)
+  log(f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
+      + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
+                 for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))
   return result

@@ -1,0 +1,234 @@
+"""The device mesh, the partition rules and the placement of every array: the one module
+that knows about devices. Backbones and alignment losses never see a mesh.
+
+Mesh: two axes, ('data', 'model'), in Auto mode: we pin the shardings of the state, the
+static inputs, the batches and the outputs, and XLA's SPMD partitioner derives the rest
+(including the gradient all-reduce over 'data'). `config.mesh.data` x `config.mesh.model`
+devices, -1 meaning every remaining device; the default (-1, 1) is pure data parallelism.
+
+Partition rules: (regular expression over a leaf's '/'-joined tree path, PartitionSpec),
+first match wins (big_vision style). Optax's Adam moments repeat the parameter paths under
+`opt_state/0/mu/` and `.../nu/`, so the rules shard each moment like its parameter.
+
+Uneven dimensions: a jax.Array's sharded dimension must divide by its number of shards
+(ml100k's 1,682 items over 4 devices do not). Such a leaf is stored padded with zero rows to
+the next multiple, and every compiled function first slices it back to its logical shape
+(`Placement.logical`): backbones see the data's true sizes, the padded rows get zero
+gradients and stay zero. Checkpoints hold the logical shapes (`Placement.storage`), so a
+run saved on one mesh resumes on any other.
+"""
+
+import re
+from typing import Any, NamedTuple, Sequence, Tuple
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+
+from fettle_jax.errors import ConfigError
+
+DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)
+
+# Parameters, optimizer state and model state (TrainState paths).
+STATE_RULES = (
+    (r"(^|/)(user_embedding|item_embedding)$", P(MODEL, None)),  # ID tables: by rows
+    (r"(^|/)codebook_(item|user)$", P(None, MODEL)),  # FETTLE's C^ITV, C^UI [L, P]: along P
+    (r".*", P()),  # projectors, FFNs, Adam's count, graphs in the model state
+)
+# StaticInputs paths.
+STATIC_RULES = (
+    (r"^features/", P(MODEL, None)),  # content features [n_items, d_m]: by item rows
+    (r".*", P()),  # train pairs, negative-sampling index, graphs (small; read everywhere)
+)
+# A step's batch inside the epoch's [n_batches, B] arrays: B over 'data'.
+BATCHES_SPEC = P(None, DATA)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.mesh`."""
+  return ml_collections.ConfigDict({
+      "data": -1,  # int: devices along 'data' (batch, evaluated users); -1 = all remaining
+      "model": 1,  # int: devices along 'model' (table rows, codebook prototypes, items ranked)
+  })
+
+
+def mesh_shape(mesh_config, n_devices: int) -> Tuple[int, int]:
+  """(data, model) from the config; -1 takes the devices the other axis leaves."""
+  data, model = int(mesh_config.data), int(mesh_config.model)
+  for name, size in ((DATA, data), (MODEL, model)):
+    if size == 0 or size < -1:
+      raise ConfigError(f"config.mesh.{name} must be a positive device count or -1, got {size}")
+  if data == -1 and model == -1:
+    raise ConfigError("config.mesh.data and config.mesh.model cannot both be -1")
+  if data == -1 or model == -1:
+    known = model if data == -1 else data
+    if n_devices % known:
+      raise ConfigError(f"config.mesh: {n_devices} devices do not split into groups of "
+                        f"{known}; pass both config.mesh.data and config.mesh.model")
+    data, model = (n_devices // known, known) if data == -1 else (known, n_devices // known)
+  if data * model > n_devices:
+    raise ConfigError(f"config.mesh {data}x{model} needs {data * model} devices, "
+                      f"{n_devices} are visible")
+  if jax.process_count() > 1 and data * model != n_devices:
+    raise ConfigError(f"config.mesh {data}x{model}: a multi-process run must use all "
+                      f"{n_devices} devices")
+  return data, model
+
+
+def make_mesh(mesh_config, devices: Sequence[Any] = None) -> jax.sharding.Mesh:
+  """The run's mesh over the first data x model devices (all of them by default)."""
+  devices = list(jax.devices() if devices is None else devices)
+  data, model = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
+                       devices=devices[:data * model])
+
+
+def path_name(path) -> str:
+  """'params/backbone/user_embedding' for a tree_flatten_with_path key path."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def spec_for(name: str, ndim: int, rules) -> P:
+  for pattern, spec in rules:
+    if re.search(pattern, name):
+      return P(*tuple(spec)[:ndim]) if len(spec) > ndim else spec
+  return P()
+
+
+def padded_shape(shape: Tuple[int, ...], sharding: NamedSharding) -> Tuple[int, ...]:
+  """`shape` with each sharded dimension rounded up to a multiple of its shard count."""
+  out = list(shape)
+  for dim, axes in enumerate(sharding.spec):
+    if axes is None:
+      continue
+    count = int(np.prod([sharding.mesh.shape[a] for a in np.atleast_1d(axes)]))
+    out[dim] = -(-shape[dim] // count) * count
+  return tuple(out)
+
+
+def slice_to_shapes(tree, shapes):
+  """Inside a compiled function: each leaf sliced back to its logical shape."""
+  return jax.tree.map(lambda x, s: x if x.shape == s.shape else
+                      x[tuple(slice(0, n) for n in s.shape)], tree, shapes)
+
+
+class Placement(NamedTuple):
+  """Where each leaf of one pytree lives: its sharding and its logical (unpadded) shape."""
+  shardings: Any  # the tree's structure, NamedSharding leaves
+  shapes: Any     # the tree's structure, jax.ShapeDtypeStruct leaves (logical shapes)
+
+  @property
+  def padded(self) -> bool:
+    return any(padded_shape(s.shape, sh) != s.shape for s, sh in
+               zip(jax.tree.leaves(self.shapes), jax.tree.leaves(self.shardings)))
+
+  def place(self, tree):
+    """Host (or local-device) leaves -> global arrays, padded and sharded. Every process
+    passes the same values and contributes the shards its devices hold."""
+
+    def one(x, sharding):
+      x = np.asarray(jax.device_get(x))
+      target = padded_shape(x.shape, sharding)
+      if target != x.shape:
+        x = np.pad(x, [(0, t - n) for t, n in zip(target, x.shape)])
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree, self.shardings)
+
+  def logical(self, tree):
+    """Inside a compiled function: each leaf sliced back to its logical shape."""
+    return slice_to_shapes(tree, self.shapes)
+
+  def storage(self):
+    """(shardings, to_storage, from_storage) of the checkpoint layout: logical shapes; a
+    padded leaf is stored unpadded, split along a dimension that divides evenly (or
+    replicated), and padded again on restore. Identity functions when nothing is padded."""
+    if not self.padded:
+      return self.shardings, None, None
+
+    def storage_sharding(shape, sharding):
+      if padded_shape(shape.shape, sharding) == shape.shape:
+        return sharding
+      mesh = sharding.mesh
+      for axis in (MODEL, DATA):  # a dimension the axis divides, else replicated
+        for dim, n in enumerate(shape.shape):
+          if mesh.shape[axis] > 1 and n % mesh.shape[axis] == 0:
+            spec = [None] * len(shape.shape)
+            spec[dim] = axis
+            return NamedSharding(mesh, P(*spec))
+      return NamedSharding(mesh, P())
+
+    shardings = jax.tree.map(storage_sharding, self.shapes, self.shardings)
+    to_storage = jax.jit(self.logical, out_shardings=shardings)
+    pad = lambda tree: jax.tree.map(
+        lambda x, sh: jax.numpy.pad(x, [(0, t - n) for t, n in zip(
+            padded_shape(x.shape, sh), x.shape)]), tree, self.shardings)
+    from_storage = jax.jit(pad, out_shardings=self.shardings)
+    return shardings, to_storage, from_storage
+
+
+def placement(tree, rules, mesh: jax.sharding.Mesh) -> Placement:
+  """The Placement of `tree` (arrays or ShapeDtypeStructs) under `rules` on `mesh`."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  shardings, shapes = [], []
+  for path, leaf in leaves:
+    shape = tuple(np.shape(leaf))
+    spec = spec_for(path_name(path), len(shape), rules)
+    shardings.append(NamedSharding(mesh, spec))
+    shapes.append(jax.ShapeDtypeStruct(shape, jax.numpy.result_type(leaf)))
+  return Placement(jax.tree_util.tree_unflatten(treedef, shardings),
+                   jax.tree_util.tree_unflatten(treedef, shapes))
+
+
+class Layout(NamedTuple):
+  """A run's mesh and the placements of its train state and static inputs."""
+  mesh: jax.sharding.Mesh
+  state: Placement
+  static: Placement
+
+  @property
+  def data_size(self) -> int:
+    return self.mesh.shape[DATA]
+
+  @property
+  def model_size(self) -> int:
+    return self.mesh.shape[MODEL]
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def constrain_batches(self, batches):
+    """Inside the epoch: each step's batch split over 'data'."""
+    sharding = NamedSharding(self.mesh, BATCHES_SPEC)
+    return jax.tree.map(lambda b: jax.lax.with_sharding_constraint(b, sharding), batches)
+
+
+def model_axis_size() -> int:
+  """Size of the 'model' axis of the mesh being traced under (1 outside any mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or MODEL not in mesh.axis_names:
+    return 1
+  return mesh.shape[MODEL]
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def per_device_bytes(arrays) -> int:
+  """Bytes the first device holds of these (global) arrays: measured from their shards."""
+  device = jax.devices()[0]
+  total = 0
+  for x in jax.tree.leaves(arrays):
+    for shard in x.addressable_shards:
+      if shard.device == device:
+        total += shard.data.nbytes
+  return total
