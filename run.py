@@ -18,6 +18,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
+from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,6 +31,15 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "(and shapes) loads its compiled programs instead of compiling. Default: "
     "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
     "'none' turns it off.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process run: HOST:PORT of process 0, the same on "
+    "every process (with --num_processes and --process_id). Without it, a SLURM / Open MPI "
+    "/ multi-host TPU launcher's cluster is detected by jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process run: how many.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process run: this one, 0..N-1.")
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 120, "Seconds to wait for every process to join, and for a "
+    "silent process's heartbeat, before the run ends with an error.")
 
 
 def main(argv):
@@ -43,6 +53,9 @@ def main(argv):
   if _COMPILATION_CACHE.value != "none":
     train.enable_compilation_cache(_COMPILATION_CACHE.value or None)
   try:
+    # Before anything touches a device: join the other processes of a multi-process run.
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
     train.train_and_evaluate(config, workdir)
   except REPORTED_ERRORS as e:  # input/environment: one line; bugs keep their traceback
     print(f"error: {e}", file=sys.stderr)

@@ -26,5 +26,9 @@ class WorkdirInUseError(RuntimeError):
   """Another live process is training in the same workdir."""
 
 
+class DistributedError(RuntimeError):
+  """A multi-process run could not start (coordinator unreachable, a process missing)."""
+
+
 REPORTED_ERRORS = (DataError, ConfigError, FloatingPointError, WorkdirWriteError,
-                   NoReadableCheckpointError, WorkdirInUseError)
+                   NoReadableCheckpointError, WorkdirInUseError, DistributedError)

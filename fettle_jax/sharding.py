@@ -18,6 +18,7 @@ gradients and stay zero. Checkpoints hold the logical shapes (`Placement.storage
 run saved on one mesh resumes on any other.
 """
 
+import os
 import re
 from typing import Any, NamedTuple, Sequence, Tuple
 
@@ -26,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 
-from fettle_jax.errors import ConfigError
+from fettle_jax.errors import ConfigError, DistributedError
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -83,6 +84,49 @@ def make_mesh(mesh_config, devices: Sequence[Any] = None) -> jax.sharding.Mesh:
   data, model = mesh_shape(mesh_config, len(devices))
   return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
                        devices=devices[:data * model])
+
+
+# Environment variables of launchers whose clusters jax.distributed.initialize() detects by
+# itself (SLURM, Open MPI, multi-host Cloud TPU): with one of them set, run.py joins the
+# cluster without flags.
+CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def detected_cluster() -> bool:
+  for name in CLUSTER_ENV:
+    value = os.environ.get(name, "")
+    if (value.isdigit() and int(value) > 1) or "," in value:
+      return True
+  return False
+
+
+def initialize_distributed(coordinator_address: str = None, num_processes: int = None,
+                           process_id: int = None, timeout_seconds: int = 120) -> bool:
+  """Joins a multi-process run before JAX touches a device; returns whether it did.
+
+  With an address, every process passes the same address and count and its own id; with
+  none, a cluster launcher's environment (CLUSTER_ENV) lets JAX detect them. A coordinator
+  that cannot be reached within `timeout_seconds` raises DistributedError (one line); once
+  running, a process whose heartbeat stops for `timeout_seconds` ends the others.
+  """
+  explicit = (coordinator_address, num_processes, process_id)
+  if all(v is None for v in explicit) and not detected_cluster():
+    return False
+  if any(v is None for v in explicit) and not all(v is None for v in explicit):
+    raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
+                      f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               initialization_timeout=timeout_seconds,
+                               heartbeat_timeout_seconds=timeout_seconds)
+  except Exception as e:  # pylint: disable=broad-except  # XLA's errors carry no type
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    where = coordinator_address or "the detected cluster"
+    raise DistributedError(
+        f"could not join the multi-process run at {where} as process {process_id} within "
+        f"{timeout_seconds} s ({type(e).__name__}: {first}); check the address and that "
+        "every process was started") from None
+  return True
 
 
 def path_name(path) -> str:
