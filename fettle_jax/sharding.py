@@ -20,6 +20,8 @@ run saved on one mesh resumes on any other.
 
 import os
 import re
+import socket
+import time
 from typing import Any, NamedTuple, Sequence, Tuple
 
 import jax
@@ -100,6 +102,24 @@ def detected_cluster() -> bool:
   return False
 
 
+def wait_for_coordinator(address: str, timeout_seconds: float) -> None:
+  """Retries a TCP connection to HOST:PORT until it opens or the timeout passes."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"--coordinator_address must be HOST:PORT, got {address!r}")
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise DistributedError(
+            f"cannot reach the coordinator {address} within {timeout_seconds} s "
+            f"({e.strerror or e}); start process 0 there first, or check the address") from None
+      time.sleep(0.5)
+
+
 def initialize_distributed(coordinator_address: str = None, num_processes: int = None,
                            process_id: int = None, timeout_seconds: int = 120) -> bool:
   """Joins a multi-process run before JAX touches a device; returns whether it did.
@@ -115,6 +135,10 @@ def initialize_distributed(coordinator_address: str = None, num_processes: int =
   if any(v is None for v in explicit) and not all(v is None for v in explicit):
     raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
                       f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+  if coordinator_address is not None and process_id != 0:
+    # XLA aborts the process (a multi-line fatal log) when the coordinator cannot be
+    # reached; probe it first so that case is one line.
+    wait_for_coordinator(coordinator_address, timeout_seconds)
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=timeout_seconds,

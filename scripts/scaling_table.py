@@ -167,8 +167,9 @@ def load_config(path: str):
   return module.get_config()
 
 
-def table(config, meshes=MESHES, feature_dims=None) -> list:
+def table(config, meshes=None, feature_dims=None) -> list:
   """One row per (data set, mesh): counts, mesh and predicted bytes per column."""
+  meshes = MESHES if meshes is None else meshes
   feature_dims = dict(synthetic.DIMS if feature_dims is None else feature_dims)
   rows = []
   for name, (n_users, n_items, n_train) in datasets().items():
