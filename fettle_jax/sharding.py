@@ -236,9 +236,13 @@ class Placement(NamedTuple):
 
     shardings = jax.tree.map(storage_sharding, self.shapes, self.shardings)
     to_storage = jax.jit(self.logical, out_shardings=shardings)
-    pad = lambda tree: jax.tree.map(
-        lambda x, sh: jax.numpy.pad(x, [(0, t - n) for t, n in zip(
-            padded_shape(x.shape, sh), x.shape)]), tree, self.shardings)
+    def pad_leaf(x, sharding):
+      target = padded_shape(x.shape, sharding)
+      if target == x.shape:
+        return x
+      return jax.numpy.pad(x, [(0, t - n) for t, n in zip(target, x.shape)])
+
+    pad = lambda tree: jax.tree.map(pad_leaf, tree, self.shardings)
     from_storage = jax.jit(pad, out_shardings=self.shardings)
     return shardings, to_storage, from_storage
 

@@ -13,6 +13,14 @@ if ROOT not in sys.path:
 from data_pipeline import mmrec_writer  # pylint: disable=g-import-not-at-top
 
 
+def pytest_ignore_collect(collection_path, config):
+  """tests/multidevice needs 8 CPU devices, which must be set before JAX starts: it runs in
+  its own pytest process (`python -m pytest -q tests/multidevice`), not inside this one."""
+  if collection_path.name == "multidevice":
+    return not any("multidevice" in str(arg) for arg in config.args)
+  return None
+
+
 def make_interactions(n_users=40, n_items=30, per_user=8, seed=0):
   """Random (user, item, split) triples: every user has train, valid and test items."""
   rng = np.random.default_rng(seed)

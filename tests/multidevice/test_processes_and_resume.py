@@ -1,0 +1,83 @@
+"""Two processes x 4 CPU devices train like one process with 8; a run checkpointed on one
+mesh resumes on another to the same metrics."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fettle_jax import train
+from tests.conftest import ROOT, tiny_config
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def assert_same_metrics(a, b, atol=1e-5):
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_allclose(a[name], b[name], atol=atol, err_msg=name)
+
+
+def test_two_processes_match_one_process_with_eight_devices(tiny_mmrec, tmp_path):
+  config_file = tmp_path / "tiny_config.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {ROOT!r})\n"
+      "from tests.conftest import tiny_config\n"
+      "def get_config():\n"
+      f"  config = tiny_config({tiny_mmrec!r}, model='lightgcn', alignment='fettle')\n"
+      "  config.max_epochs = 2\n"
+      "  return config\n")
+  port, workdir = free_port(), tmp_path / "two"
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
+  processes = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "run.py"), f"--config={config_file}",
+       f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}", "--distributed_timeout=60", "--compilation_cache=none"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  assert "epoch    2" in outputs[0] and "epoch    2" not in outputs[1]  # process 0 prints
+  two = json.loads((workdir / "metrics.json").read_text())
+  assert two["mesh"] == {"data": 8, "model": 1, "processes": 2}
+
+  chex.clear_trace_counter()
+  config = tiny_config(tiny_mmrec, model="lightgcn", alignment="fettle")
+  config.max_epochs = 2
+  one = train.train_and_evaluate(config, str(tmp_path / "one"))
+  assert one["mesh"] == {"data": 8, "model": 1, "processes": 1}
+  assert_same_metrics(two["test"], one["test"])
+  assert_same_metrics(two["valid"], one["valid"])
+  np.testing.assert_allclose([h["loss"] for h in two["history"]],
+                             [h["loss"] for h in one["history"]], rtol=1e-6)
+
+
+def test_killed_on_8x1_resumes_on_2x4_and_on_one_device(tiny_mmrec, tmp_path):
+  def run(workdir, mesh, max_epochs):
+    chex.clear_trace_counter()
+    config = tiny_config(tiny_mmrec, model="freedom", alignment="fettle")
+    config.mesh.data, config.mesh.model = mesh
+    config.max_epochs, config.checkpoint_every_epochs = max_epochs, 2
+    return train.train_and_evaluate(config, str(tmp_path / workdir))
+
+  full = run("full", (8, 1), 4)
+  for mesh in [(2, 4), (1, 1)]:
+    name = f"resumed_{mesh[0]}x{mesh[1]}"
+    run(name, (8, 1), 2)  # "killed" after the epoch-2 checkpoint
+    resumed = run(name, mesh, 4)
+    assert resumed["epochs"] == 4 and resumed["mesh"]["model"] == mesh[1]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    assert_same_metrics(resumed["test"], full["test"])
+    assert_same_metrics(resumed["valid"], full["valid"])
