@@ -171,15 +171,29 @@ def spec_for(name: str, ndim: int, rules) -> P:
   return P()
 
 
-def padded_shape(shape: Tuple[int, ...], sharding: NamedSharding) -> Tuple[int, ...]:
-  """`shape` with each sharded dimension rounded up to a multiple of its shard count."""
+def padded_shape(shape: Tuple[int, ...], spec: P, axis_sizes) -> Tuple[int, ...]:
+  """`shape` with each dimension that `spec` shards rounded up to a multiple of its shard
+  count (`axis_sizes`: mesh axis name -> size, e.g. `mesh.shape`)."""
   out = list(shape)
-  for dim, axes in enumerate(sharding.spec):
-    if axes is None:
-      continue
-    count = int(np.prod([sharding.mesh.shape[a] for a in np.atleast_1d(axes)]))
-    out[dim] = -(-shape[dim] // count) * count
+  for dim, axes in enumerate(spec):
+    if axes is not None:
+      out[dim] = round_up(shape[dim], shard_count(axes, axis_sizes))
   return tuple(out)
+
+
+def shard_count(axes, axis_sizes) -> int:
+  return int(np.prod([axis_sizes[a] for a in np.atleast_1d(axes)]))
+
+
+def shard_shape(shape: Tuple[int, ...], spec: P, axis_sizes) -> Tuple[int, ...]:
+  """The block of a (padded) `shape` array that one device holds."""
+  return tuple(n if axes is None else n // shard_count(axes, axis_sizes)
+               for n, axes in zip(padded_shape(shape, spec, axis_sizes),
+                                  tuple(spec) + (None,) * (len(shape) - len(spec))))
+
+
+def padded_for(shape: Tuple[int, ...], named: NamedSharding) -> Tuple[int, ...]:
+  return padded_shape(shape, named.spec, named.mesh.shape)
 
 
 def slice_to_shapes(tree, shapes):
@@ -195,7 +209,7 @@ class Placement(NamedTuple):
 
   @property
   def padded(self) -> bool:
-    return any(padded_shape(s.shape, sh) != s.shape for s, sh in
+    return any(padded_for(s.shape, sh) != s.shape for s, sh in
                zip(jax.tree.leaves(self.shapes), jax.tree.leaves(self.shardings)))
 
   def place(self, tree):
@@ -204,7 +218,7 @@ class Placement(NamedTuple):
 
     def one(x, sharding):
       x = np.asarray(jax.device_get(x))
-      target = padded_shape(x.shape, sharding)
+      target = padded_for(x.shape, sharding)
       if target != x.shape:
         x = np.pad(x, [(0, t - n) for t, n in zip(target, x.shape)])
       return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
@@ -223,7 +237,7 @@ class Placement(NamedTuple):
       return self.shardings, None, None
 
     def storage_sharding(shape, sharding):
-      if padded_shape(shape.shape, sharding) == shape.shape:
+      if padded_for(shape.shape, sharding) == shape.shape:
         return sharding
       mesh = sharding.mesh
       for axis in (MODEL, DATA):  # a dimension the axis divides, else replicated
@@ -237,7 +251,7 @@ class Placement(NamedTuple):
     shardings = jax.tree.map(storage_sharding, self.shapes, self.shardings)
     to_storage = jax.jit(self.logical, out_shardings=shardings)
     def pad_leaf(x, sharding):
-      target = padded_shape(x.shape, sharding)
+      target = padded_for(x.shape, sharding)
       if target == x.shape:
         return x
       return jax.numpy.pad(x, [(0, t - n) for t, n in zip(target, x.shape)])

@@ -262,6 +262,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if metric not in evaluation.METRICS or not k.isdigit() or int(k) not in config.topk:
     raise ConfigError(f"config.selection_metric {config.selection_metric!r} must be one of "
                       f"{evaluation.METRICS} at a K in config.topk {tuple(config.topk)}")
+  sharding.mesh_shape(config.mesh, len(jax.devices()))  # a mesh these devices can form
   backbone = get_backbone(config.model)  # unknown names are ConfigErrors
   alignment = alignment_lib.get_alignment(config.alignment)
   for module, section in ((backbone, config.model), (alignment, config.alignment)):

@@ -15,6 +15,12 @@ hits them alike.
 that term alone on one real batch (the backbone's representations at init), on the
 branch (unique-item prefix) the batch takes; FLOPs from XLA's cost analysis of that
 compiled program. `--json=FILE` writes every number.
+
+`--mesh=DxM` runs the steps on a data x model device mesh (e.g. 1x8 with
+JAX_NUM_CPU_DEVICES=8) and prints, per variant, the bytes the first device holds of the
+parameters, optimizer state and static inputs, measured from the arrays' shards, and the
+compiled step's temporaries (XLA's memory analysis), next to scripts/scaling_table.py's
+prediction from shapes.
 """
 
 import functools
@@ -36,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
 from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
+from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 from fettle_jax.types import Batch  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +58,8 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step time is reported.")
 _TERMS = flags.DEFINE_bool("terms", True, "Per-term FLOPs / time / GFLOP/s table for FETTLE.")
 _JSON = flags.DEFINE_string("json", "", "Also write every measurement to this JSON file.")
+_MESH = flags.DEFINE_string("mesh", "", "data x model mesh, e.g. 1x8; '' = config default "
+                            "(every device on 'data').")
 
 
 def timed(fn, *args, repeats=5):
@@ -86,8 +95,9 @@ def term_rows(data, backbone_name, entry):
   """Each enabled FETTLE term alone, forward + backward, on the branch its batch takes."""
   config, backbone = entry["config"], entry["backbone"]
   cfg = config.fettle
-  state, train_data = entry["state"], entry["data"]
-  params = state.params
+  state, train_data = entry["state"], entry["logical_static"]
+  shapes = entry["layout"].state.shapes.params
+  params = jax.jit(lambda p: sharding.slice_to_shapes(p, shapes))(state.params)
   reps = jax.jit(lambda p, m, g: backbone.represent(p, m, g, config))(
       params["backbone"], state.model_state, train_data)
   batch = Batch(*(b[0] for b in entry["batches"]))
@@ -120,22 +130,51 @@ def build_step(data, backbone_name, variant):
   config.alignment = alignment_name
   if prototypes:
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
+  if _MESH.value:
+    config.mesh.data, config.mesh.model = (int(n) for n in _MESH.value.split("x"))
   run = train.create_train_state(config, data)
-  step = train.make_train_step(run.backbone, run.alignment, run.config, run.optimizer)
+  layout = run.layout
+  step = train.make_train_step(run.backbone, run.alignment, run.config, run.optimizer, layout)
 
-  @functools.partial(jax.jit, donate_argnums=0)
   def steps(state, static, batches):
     # A lax.scan over the batches, as inside a training epoch (loop-invariant work such as
     # the CSR row pointers is hoisted out of the loop there too).
+    static = layout.static.logical(static)
+    batches = layout.constrain_batches(batches)
+
     def body(state, batch):
       state, losses = step(state, static, Batch(*batch), jax.random.PRNGKey(0))
       return state, losses
     return jax.lax.scan(body, state, tuple(batches))
 
-  batches = sampling.epoch_batches(jax.random.PRNGKey(0), run.static.train_pairs, run.static.seen,
-                                   data.n_items, run.config.batch_size)
+  steps = train.under_mesh(jax.jit(steps, donate_argnums=0, out_shardings=(
+      layout.state.shardings, layout.replicated())), layout.mesh)
+  logical_static = jax.jit(layout.static.logical)(run.static)
+  batches = sampling.epoch_batches(jax.random.PRNGKey(0), logical_static.train_pairs,
+                                   logical_static.seen, data.n_items, run.config.batch_size)
   return {"state": run.state, "steps": steps, "data": run.static, "batches": batches,
-          "config": run.config, "backbone": run.backbone}
+          "config": run.config, "backbone": run.backbone, "layout": layout,
+          "logical_static": logical_static}
+
+
+def memory_rows(data, entry, n_steps):
+  """Measured bytes on the first device vs scaling_table's prediction, one row per column."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import scaling_table  # pylint: disable=g-import-not-at-top
+  layout, state = entry["layout"], entry["state"]
+  chunk = [b[:n_steps] for b in entry["batches"]]
+  compiled = entry["steps"].lower(state, entry["data"], chunk).compile()
+  analysis = compiled.memory_analysis()
+  measured = {"params": sharding.per_device_bytes((state.params, state.model_state)),
+              "opt_state": sharding.per_device_bytes(state.opt_state),
+              "static": sharding.per_device_bytes(entry["data"]),
+              "step temporaries (XLA)": getattr(analysis, "temp_size_in_bytes", None)}
+  predicted = scaling_table.predict(
+      entry["config"], data.n_users, data.n_items, len(data.train),
+      {k: v.shape[1] for k, v in data.features.items()}, layout.data_size, layout.model_size)
+  predicted["step temporaries (XLA)"] = predicted["step_activation"]
+  return [{"column": k, "measured_bytes": v, "predicted_bytes": predicted[k]}
+          for k, v in measured.items()]
 
 
 def run_steps(entry, n_steps, offset):
@@ -164,6 +203,18 @@ def main(argv):
   for backbone_name in _BACKBONES.value:
     variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
     entries = {v: build_step(data, backbone_name, v) for v in variants}
+    if _MESH.value:
+      layout = next(iter(entries.values()))["layout"]
+      print(f"mesh {layout.data_size}x{layout.model_size}: bytes on the first device, "
+            "measured from the shards vs predicted by scripts/scaling_table.py", flush=True)
+      for name, entry in entries.items():
+        rows = memory_rows(data, entry, _STEPS.value)
+        report.setdefault("memory", {}).setdefault(backbone_name, {})[name] = rows
+        for r in rows:
+          measured = r["measured_bytes"]
+          print(f"  {backbone_name}+{name} {r['column']:24s} measured "
+                f"{(measured or 0) / 2**20:9.1f} MiB | predicted "
+                f"{r['predicted_bytes'] / 2**20:9.1f} MiB", flush=True)
     times = {a: [] for a in entries}
     for name, entry in entries.items():
       run_steps(entry, _STEPS.value, 0)  # compile (same static shapes as the timed calls)

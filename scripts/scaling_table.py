@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import types
 from typing import Dict, Mapping, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,14 +65,9 @@ TRAIN_SHARE = 0.8
 
 def shard_bytes(shape: Sequence[int], dtype, spec, axis_sizes: Mapping[str, int]) -> int:
   """Bytes one device holds of a [shape] `dtype` array laid out by PartitionSpec `spec` on a
-  mesh with these axis sizes: each sharded dimension padded up to a multiple of its shard
-  count (`sharding.padded_shape`, the real placement's rule), then divided by it."""
-  mesh_like = types.SimpleNamespace(spec=spec, mesh=types.SimpleNamespace(shape=axis_sizes))
-  padded = sharding.padded_shape(tuple(int(n) for n in shape), mesh_like)
-  local = list(padded)
-  for dim, axes in enumerate(spec):
-    if axes is not None:
-      local[dim] //= int(np.prod([axis_sizes[a] for a in np.atleast_1d(axes)]))
+  mesh with these axis sizes: the real placement's rule (`sharding.shard_shape`: sharded
+  dimensions padded up to a multiple of their shard count, then divided by it)."""
+  local = sharding.shard_shape(tuple(int(n) for n in shape), spec, axis_sizes)
   return int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
