@@ -100,24 +100,31 @@ def _sds(shape, dtype=jnp.int32):
   return jax.ShapeDtypeStruct(tuple(int(n) for n in shape), dtype)
 
 
+def graph_shapes(config, n_items: int, n_train: int, n_modalities: int):
+  """The backbone's build_graph() output as ShapeDtypeStructs, sized from the counts (the
+  real edge counts depend on the data: see the module docstring); {} for graph-free ones."""
+  user_item_edges = 2 * n_train
+  user_item = graphs.Graph(_sds([user_item_edges]), _sds([user_item_edges]),
+                           _sds([user_item_edges], jnp.float32))
+  if config.model == "lightgcn":
+    return {"user_item": user_item}
+  if config.model == "freedom":
+    knn_edges = n_items * min(int(config.freedom.knn_k), n_items) * n_modalities
+    return {"user_item": user_item,
+            "edges": graphs.BipartiteEdges(*[_sds([n_train])] * 4, _sds([n_train], jnp.float32)),
+            "item_item": graphs.Graph(_sds([knn_edges]), _sds([knn_edges]),
+                                      _sds([knn_edges], jnp.float32))}
+  return {}
+
+
 def static_shapes(config, n_users: int, n_items: int, n_train: int,
                   feature_dims: Mapping[str, int]) -> train.StaticInputs:
-  """StaticInputs of ShapeDtypeStructs with FREEDOM's graphs sized from the counts (the
-  real edge counts depend on the data: see the module docstring)."""
-  user_item_edges = 2 * n_train
-  knn_edges = n_items * min(int(config.freedom.knn_k), n_items) * len(feature_dims)
-  graph = {
-      "user_item": graphs.Graph(_sds([user_item_edges]), _sds([user_item_edges]),
-                                _sds([user_item_edges], jnp.float32)),
-      "edges": graphs.BipartiteEdges(*[_sds([n_train])] * 4, _sds([n_train], jnp.float32)),
-      "item_item": graphs.Graph(_sds([knn_edges]), _sds([knn_edges]),
-                                _sds([knn_edges], jnp.float32)),
-  }
+  """StaticInputs of ShapeDtypeStructs for `config.model` on data of these counts."""
   return train.StaticInputs(
       _sds([n_train, 2]),
       sampling.SeenItems(_sds([n_users + 1]), _sds([n_train])),
       {name: _sds([n_items, dim], jnp.float32) for name, dim in sorted(feature_dims.items())},
-      graph)
+      graph_shapes(config, n_items, n_train, len(feature_dims)))
 
 
 def predict(config, n_users: int, n_items: int, n_train: int,
