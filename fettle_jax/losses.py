@@ -59,6 +59,23 @@ def info_nce_loss(queries: Array, keys: Array, positive_index: Array, key_mask: 
   return info_nce_from_logits(logits, positive)
 
 
+def distinct_ids(ids: Array, n_rows: int):
+  """The distinct ids of a batch, ascending, padded to the static length min(B, n_rows), and
+  a mask of the real ones (jnp.unique pads with the smallest id, which then repeats)."""
+  unique = jnp.unique(ids, size=min(ids.shape[0], n_rows))
+  return unique, jnp.concatenate([jnp.ones((1,), bool), unique[1:] > unique[:-1]])
+
+
+def distinct_rows_info_nce(queries: Array, keys: Array, ids: Array, temperature: float) -> Array:
+  """Sum over the batch's distinct ids i of InfoNCE(queries[i], keys[i]) against the keys of
+  the batch's other distinct ids (SGL Eq. 10; NCL Eq. 5-6): a [min(B, n)]^2 logit matrix,
+  not [B, B], and an id repeated in the batch counts once."""
+  unique, real = distinct_ids(ids, queries.shape[0])
+  per_query = info_nce_loss(queries[unique], keys[unique], jnp.arange(unique.shape[0]), real,
+                            temperature)
+  return jnp.sum(jnp.where(real, per_query, 0.0))
+
+
 def cosine_distance(a: Array, b: Array) -> Array:
   """1 - cos(a, b) per row (BM3's alignment, Zhou et al. WWW'23)."""
   return 1.0 - jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)

@@ -191,8 +191,10 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int, layou
       static = layout.static.logical(static)
     batch_rng, step_rng = jax.random.split(rng)
     if hasattr(backbone, "epoch_start"):  # per-epoch structure (views, prototypes, pruning)
+      params = state.params if layout is None else sharding.slice_to_shapes(
+          state.params, layout.state.shapes.params)  # the hook sees logical tables too
       state = state._replace(model_state=backbone.epoch_start(
-          state.params["backbone"], state.model_state, static,
+          params["backbone"], state.model_state, static,
           jax.random.fold_in(rng, backbone_contract.EPOCH_HOOK_STREAM), config))
     batches = sampling.epoch_batches(batch_rng, static.train_pairs, static.seen, n_items,
                                      config.batch_size)
