@@ -7,6 +7,7 @@ sparse-dense product whose gradient is the same product; general graphs through 
 and `jax.ops.segment_sum`.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -27,9 +28,8 @@ class Graph(NamedTuple):
 
 
 def propagate(graph: Graph, x: Array) -> Array:
-  """One message-passing step: out[r] = sum_{(s, r)} w_sr * x[s]."""
-  if sharding.model_axis_size() > 1:
-    return propagate_row_blocks(graph, x)
+  """One message-passing step: out[r] = sum_{(s, r)} w_sr * x[s] (under a model-parallel
+  mesh XLA partitions the gather and the segment sum itself)."""
   messages = x[graph.senders] * graph.weights[:, None]
   return jax.ops.segment_sum(messages, graph.receivers, num_segments=x.shape[0],
                              indices_are_sorted=True)
@@ -43,28 +43,48 @@ def csr_matrix(graph: Graph, n_nodes: int) -> sparse.BCSR:
   return sparse.BCSR((graph.weights, graph.senders, indptr), shape=(n_nodes, n_nodes))
 
 
-def propagate_row_blocks(graph: Graph, x: Array) -> Array:
-  """propagate() with the node rows split over the traced mesh's 'model' axis: each device
-  gathers the full input once per layer (all_gather), then sums the messages of the edges
-  whose receiver is in its own row block (segment_sum drops the others). The output stays
-  split by rows; the gradient (psum_scatter, gathers) comes from JAX's transposes.
+ROW_BLOCK_CHUNK = 1 << 16  # edges per step of a device's loop: memory O(chunk * d), not O(E * d)
 
-  Each device reads the whole (replicated) edge list: the work per device is O(E), the
-  memory of its output O(N / model). Rows are padded to a multiple of the axis size.
+
+def propagate_row_blocks(graph: Graph, x: Array, chunk: int = None) -> Array:
+  """propagate() with the node rows split over the traced mesh's 'model' axis. Each device
+  gathers the full input once (all_gather), then walks only its own receivers' edges,
+  a contiguous range of the receiver-sorted list (found by binary search), `chunk` edges at
+  a time: work O(E / model) per device on balanced blocks, memory O(N d + chunk d). The
+  output stays split by rows (padded to a multiple of the axis size, sliced back).
+
+  Forward only (the loop's trip count is data-dependent); `propagate_symmetric` supplies
+  the gradient, which for A = A^T is the same product.
   """
-  n, blocks = x.shape[0], sharding.model_axis_size()
+  n, d = x.shape
+  blocks = sharding.model_axis_size()
   block = -(-n // blocks)
+  n_edges = graph.senders.shape[0]
+  chunk = max(1, min(chunk or ROW_BLOCK_CHUNK, n_edges))
   padded = jnp.pad(x, ((0, blocks * block - n), (0, 0)))
+  # Room for a last chunk that starts near the end: slices never get clamped back.
+  senders, receivers, weights = (jnp.pad(a, (0, chunk)) for a in graph)
 
   def local(x_block, senders, receivers, weights):
     x_all = jax.lax.all_gather(x_block, sharding.MODEL, axis=0, tiled=True)
-    rows = receivers - jax.lax.axis_index(sharding.MODEL) * block  # others out of range
-    return jax.ops.segment_sum(x_all[senders] * weights[:, None], rows, num_segments=block,
-                               indices_are_sorted=True)
+    first = jax.lax.axis_index(sharding.MODEL) * block
+    start = jnp.searchsorted(receivers[:n_edges], first).astype(jnp.int32)
+    end = jnp.searchsorted(receivers[:n_edges], first + block).astype(jnp.int32)
+
+    def add_chunk(i, total):
+      offset = start + i * chunk
+      take = lambda a: jax.lax.dynamic_slice(a, (offset,), (chunk,))
+      rows = jnp.where(offset + jnp.arange(chunk) < end, take(receivers) - first, block)
+      messages = x_all[take(senders)] * take(weights)[:, None]
+      return total + jax.ops.segment_sum(messages, rows, num_segments=block,
+                                         indices_are_sorted=True)  # `block` rows dropped
+
+    n_chunks = (end - start + chunk - 1) // chunk
+    return jax.lax.fori_loop(0, n_chunks, add_chunk, jnp.zeros((block, d), x_block.dtype))
 
   out = jax.shard_map(local, in_specs=(P(sharding.MODEL, None), P(), P(), P()),
                       out_specs=P(sharding.MODEL, None), check_vma=False)(
-                          padded, graph.senders, graph.receivers, graph.weights)
+                          padded, senders, receivers, weights)
   return out[:n]
 
 
@@ -77,14 +97,16 @@ def propagate_symmetric(graph: Graph, x: Array) -> Array:
   > 1 the rows are split over it instead (`propagate_row_blocks`).
   """
   if sharding.model_axis_size() > 1:
-    return propagate_row_blocks(graph, x)
-  matrix = csr_matrix(graph, x.shape[0])
+    product = functools.partial(propagate_row_blocks, graph)
+  else:
+    matrix = csr_matrix(graph, x.shape[0])
+    product = lambda v: matrix @ v
 
   @jax.custom_vjp
   def multiply(v):
-    return matrix @ v
+    return product(v)
 
-  multiply.defvjp(lambda v: (matrix @ v, None), lambda _, cotangent: (matrix @ cotangent,))
+  multiply.defvjp(lambda v: (product(v), None), lambda _, cotangent: (product(cotangent),))
   return multiply(x)
 
 

@@ -23,7 +23,6 @@ compiled step's temporaries (XLA's memory analysis), next to scripts/scaling_tab
 prediction from shapes.
 """
 
-import functools
 import importlib
 import json
 import os

@@ -1,8 +1,6 @@
 """The mesh config, the partition rules and padded placement (one device; the multi-device
 behaviour is tested in tests/multidevice, in its own process)."""
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

@@ -30,11 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fettle_jax import graphs
-from fettle_jax import layers
 from fettle_jax import losses
+from fettle_jax.backbones import lightgcn
 from fettle_jax.errors import ConfigError
-from fettle_jax.types import Batch, DataInfo, Representations
+from fettle_jax.types import Batch, Representations
 
 ENCODERS = ("mf", "lightgcn")
 
@@ -69,16 +68,12 @@ def check_config(cfg) -> None:
 
 
 def build_graph(train_pairs, n_users, n_items, features, config):
-  del features
   if config.directau.encoder != "lightgcn":  # MF needs no graph on device
     return {}
-  return {"user_item": graphs.user_item_graph(train_pairs[:, 0], train_pairs[:, 1],
-                                              n_users, n_items)}
+  return lightgcn.build_graph(train_pairs, n_users, n_items, features, config)
 
 
-def init(rng, data_info: DataInfo, config):
-  return layers.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
-                                      config.embedding_size)
+init = lightgcn.init
 
 
 def represent(params, model_state, static, config) -> Representations:
@@ -88,10 +83,7 @@ def represent(params, model_state, static, config) -> Representations:
   users, items = params["user_embedding"], params["item_embedding"]
   if cfg.encoder == "mf":
     return Representations(users, items, {})
-  n_users = users.shape[0]
-  ego = jnp.concatenate([users, items], axis=0)
-  final = graphs.mean_of_layers(static.graph["user_item"], ego, cfg.n_layers)
-  return Representations(final[:n_users], final[n_users:], {})
+  return lightgcn.layer_mean_representations(params, static.graph["user_item"], cfg.n_layers)
 
 
 def directau_loss(user_vecs, item_vecs, gamma: float):

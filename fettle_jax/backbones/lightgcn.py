@@ -32,21 +32,31 @@ def init(rng, data_info: DataInfo, config):
                                       config.embedding_size)
 
 
-def represent(params, model_state, static, config) -> Representations:
-  del model_state
+def layer_mean_representations(params, graph, n_layers: int) -> Representations:
+  """Users and items as the mean of LightGCN layers 0..K on `graph` (their Eq. 4); shared
+  with the backbones built on LightGCN (SGL, NCL, DirectAU's graph encoder)."""
   users, items = params["user_embedding"], params["item_embedding"]
   n_users = users.shape[0]
-  ego = jnp.concatenate([users, items], axis=0)
-  final = graphs.mean_of_layers(static.graph["user_item"], ego, config.lightgcn.n_layers)
+  final = graphs.mean_of_layers(graph, jnp.concatenate([users, items], axis=0), n_layers)
   return Representations(final[:n_users], final[n_users:], {})
+
+
+def bpr_with_ego_l2(params, reps: Representations, batch: Batch, reg_weight: float):
+  """BPR on the final representations + reg_weight * L2 of the batch's ego (layer-0) rows."""
+  users, items = params["user_embedding"], params["item_embedding"]
+  loss = losses.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
+                         reps.items[batch.neg_items])
+  reg = losses.embedding_l2(users[batch.users], items[batch.pos_items], items[batch.neg_items])
+  return loss + reg_weight * reg
+
+
+def represent(params, model_state, static, config) -> Representations:
+  del model_state
+  return layer_mean_representations(params, static.graph["user_item"],
+                                    config.lightgcn.n_layers)
 
 
 def apply(params, model_state, static, batch: Batch, rng, config):
   del rng
   reps = represent(params, model_state, static, config)
-  loss = losses.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
-                         reps.items[batch.neg_items])
-  reg = losses.embedding_l2(params["user_embedding"][batch.users],
-                            params["item_embedding"][batch.pos_items],
-                            params["item_embedding"][batch.neg_items])
-  return reps, loss + config.lightgcn.reg_weight * reg
+  return reps, bpr_with_ego_l2(params, reps, batch, config.lightgcn.reg_weight)

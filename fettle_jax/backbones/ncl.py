@@ -191,10 +191,8 @@ def _readout(outputs, n_layers: int):
 
 def represent(params, model_state, static, config) -> Representations:
   del model_state
-  users, items = params["user_embedding"], params["item_embedding"]
-  ego = jnp.concatenate([users, items], axis=0)
-  final = graphs.mean_of_layers(static.graph["user_item"], ego, config.ncl.n_layers)
-  return Representations(final[:users.shape[0]], final[users.shape[0]:], {})
+  return lightgcn.layer_mean_representations(params, static.graph["user_item"],
+                                             config.ncl.n_layers)
 
 
 def structure_loss(layer_k, ego, ids, temperature: float, negatives: str = "batch"):
@@ -227,10 +225,7 @@ def apply(params, model_state, static, batch: Batch, rng, config):
   final = _readout(outputs, cfg.n_layers)
   reps = Representations(final[:n_users], final[n_users:], {})
 
-  loss = losses.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
-                         reps.items[batch.neg_items])
-  loss += cfg.reg_weight * losses.embedding_l2(users[batch.users], items[batch.pos_items],
-                                               items[batch.neg_items])
+  loss = lightgcn.bpr_with_ego_l2(params, reps, batch, cfg.reg_weight)
 
   # Structure term (Eq. 7): users + alpha * positive items, layer 2*hyper_layers vs 0.
   layer_k = outputs[2 * cfg.hyper_layers]

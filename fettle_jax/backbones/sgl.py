@@ -184,20 +184,15 @@ def view_representations(ego: Array, view: graphs.Graph, n_layers: int) -> Array
 
 def represent(params, model_state, static, config) -> Representations:
   del model_state
-  n_users = params["user_embedding"].shape[0]
-  final = graphs.mean_of_layers(static.graph["user_item"], _ego(params), config.sgl.n_layers)
-  return Representations(final[:n_users], final[n_users:], {})
+  return lightgcn.layer_mean_representations(params, static.graph["user_item"],
+                                             config.sgl.n_layers)
 
 
 def apply(params, model_state, static, batch: Batch, rng, config):
   del rng
   cfg = config.sgl
   reps = represent(params, model_state, static, config)
-  loss = losses.bpr_loss(reps.users[batch.users], reps.items[batch.pos_items],
-                         reps.items[batch.neg_items])
-  reg = losses.embedding_l2(params["user_embedding"][batch.users],
-                            params["item_embedding"][batch.pos_items],
-                            params["item_embedding"][batch.neg_items])
+  loss = lightgcn.bpr_with_ego_l2(params, reps, batch, cfg.reg_weight)
   n_users, ego = params["user_embedding"].shape[0], _ego(params)
   views = model_state["views"]
   z1, z2 = (view_representations(ego, graphs.Graph(*(a[v] for a in views)), cfg.n_layers)
@@ -207,4 +202,4 @@ def apply(params, model_state, static, batch: Batch, rng, config):
          + losses.distinct_rows_info_nce(z1[n_users:], z2[n_users:], batch.pos_items,
                                          cfg.ssl_tau))
   batch_size = batch.users.shape[0]
-  return reps, loss + cfg.ssl_weight * ssl / batch_size + cfg.reg_weight * reg
+  return reps, loss + cfg.ssl_weight * ssl / batch_size
