@@ -94,7 +94,8 @@ def term_rows(data, backbone_name, entry):
   """Each enabled FETTLE term alone, forward + backward, on the branch its batch takes."""
   config, backbone = entry["config"], entry["backbone"]
   cfg = config.fettle
-  state, train_data = entry["state"], entry["logical_static"]
+  # Logical (unpadded) copies as jit outputs: replicated on every device under a mesh.
+  state, train_data = entry["state"], jax.jit(entry["layout"].static.logical)(entry["data"])
   shapes = entry["layout"].state.shapes.params
   params = jax.jit(lambda p: sharding.slice_to_shapes(p, shapes))(state.params)
   reps = jax.jit(lambda p, m, g: backbone.represent(p, m, g, config))(
@@ -148,12 +149,11 @@ def build_step(data, backbone_name, variant):
 
   steps = train.under_mesh(jax.jit(steps, donate_argnums=0, out_shardings=(
       layout.state.shardings, layout.replicated())), layout.mesh)
-  logical_static = jax.jit(layout.static.logical)(run.static)
-  batches = sampling.epoch_batches(jax.random.PRNGKey(0), logical_static.train_pairs,
-                                   logical_static.seen, data.n_items, run.config.batch_size)
+  # Train pairs and the negative-sampling index are never padded (replicated).
+  batches = sampling.epoch_batches(jax.random.PRNGKey(0), run.static.train_pairs,
+                                   run.static.seen, data.n_items, run.config.batch_size)
   return {"state": run.state, "steps": steps, "data": run.static, "batches": batches,
-          "config": run.config, "backbone": run.backbone, "layout": layout,
-          "logical_static": logical_static}
+          "config": run.config, "backbone": run.backbone, "layout": layout}
 
 
 def memory_rows(data, entry, n_steps):
