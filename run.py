@@ -6,7 +6,10 @@ Writes `<workdir>/metrics.json` and Orbax checkpoints; rerunning with the same w
 resumes where a killed run stopped.
 """
 
+import ctypes
 import os
+import signal
+import subprocess
 import sys
 
 from absl import app
@@ -42,9 +45,55 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
     "silent process's heartbeat, before the run ends with an error.")
 
 
+# XLA's coordination service aborts a process whose peer stopped (a multi-line fatal log
+# from C++, which Python cannot catch); the supervisor below turns it into one line.
+PEER_LOST_MARKER = "the JAX distributed service detected fatal errors"
+SUPERVISED_ENV = "FETTLE_JAX_SUPERVISED"
+
+
+def _die_with_parent() -> None:
+  """Linux: the child gets SIGKILL when the supervisor dies (even by SIGKILL)."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except OSError:
+    pass
+
+
+def supervise() -> int:
+  """Runs this same command as a child and relays its output, except XLA's fatal report of
+  a lost peer, which becomes one `error:` line (exit 1). SIGTERM/SIGINT go to the child."""
+  child = subprocess.Popen([sys.executable] + sys.argv, env=dict(os.environ, **{
+      SUPERVISED_ENV: "1"}), stderr=subprocess.PIPE, text=True, errors="replace",
+                           preexec_fn=_die_with_parent)
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, _: child.send_signal(number))
+  peer_lost, held = False, []
+  for line in child.stderr:
+    peer_lost = peer_lost or PEER_LOST_MARKER in line
+    # A lost peer shows as a failed collective's traceback and XLA's coordination errors,
+    # then the fatal marker: hold those back until it is clear which it is.
+    if held or line.startswith("Traceback") or "coordination" in line.lower():
+      held.append(line)
+    elif not peer_lost:
+      sys.stderr.write(line)
+  code = child.wait()
+  if not peer_lost:
+    sys.stderr.writelines(held)
+  if peer_lost and code != 0:
+    print(f"error: process {_PROCESS_ID.value if _PROCESS_ID.value is not None else '?'}: "
+          "another process of the multi-process run stopped (no heartbeat within "
+          f"{_DISTRIBUTED_TIMEOUT.value} s); rerun every process with the same --workdir to "
+          "resume from the last checkpoint", file=sys.stderr)
+    return 1
+  return code if code >= 0 else 128 - code
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  multi_process = _COORDINATOR.value is not None or sharding.detected_cluster()
+  if multi_process and not os.environ.get(SUPERVISED_ENV):
+    sys.exit(supervise())
   logging.set_verbosity(logging.WARNING)  # our progress lines, not Orbax's internals
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(

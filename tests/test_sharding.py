@@ -61,3 +61,20 @@ def test_padded_and_shard_shapes_round_sharded_dimensions_up():
   assert sharding.shard_shape((7, 3), P(), axes) == (7, 3)
   assert sharding.padded_shape((1682, 64), P("model", None), {"data": 1, "model": 1}) == (
       1682, 64)
+
+
+def test_unreachable_coordinator_is_one_line_error(tmp_path):
+  import os, socket, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # closed again: nothing listens there
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "run.py"), f"--workdir={tmp_path}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+       "--distributed_timeout=2", "--compilation_cache=none"],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith(f"error: cannot reach the coordinator 127.0.0.1:{port} within 2 s")
+  assert not any(l.startswith("Traceback") for l in lines)

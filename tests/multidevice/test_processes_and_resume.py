@@ -81,3 +81,34 @@ def test_killed_on_8x1_resumes_on_2x4_and_on_one_device(tiny_mmrec, tmp_path):
     assert resumed["best_epoch"] == full["best_epoch"]
     assert_same_metrics(resumed["test"], full["test"])
     assert_same_metrics(resumed["valid"], full["valid"])
+
+
+def test_a_dead_process_ends_the_other_with_one_error_line(tiny_mmrec, tmp_path):
+  config_file = tmp_path / "endless_config.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {ROOT!r})\n"
+      "from tests.conftest import tiny_config\n"
+      "def get_config():\n"
+      f"  config = tiny_config({tiny_mmrec!r}, model='bpr')\n"
+      "  config.max_epochs = config.patience = 100000\n"
+      "  config.checkpoint_every_epochs = 100000\n"
+      "  return config\n")
+  port = free_port()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
+  processes = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "run.py"), f"--config={config_file}",
+       f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{port}",
+       "--num_processes=2", f"--process_id={i}", "--distributed_timeout=5",
+       "--compilation_cache=none"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for line in processes[0].stdout:  # training has started on both
+    if line.startswith("epoch    3"):
+      break
+  processes[1].kill()  # its training child dies with it
+  _, stderr = processes[0].communicate(timeout=120)
+  assert processes[0].returncode == 1
+  lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith(("W", "I", "["))]
+  assert lines == ["error: process 0: another process of the multi-process run stopped (no "
+                   "heartbeat within 5 s); rerun every process with the same --workdir to "
+                   "resume from the last checkpoint"], stderr[-3000:]
