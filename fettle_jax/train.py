@@ -3,6 +3,11 @@
 `train_and_evaluate(config, workdir)` loads the data, builds the backbone and the alignment
 plug-in named by the config, trains with early stopping on validation Recall@20, and writes
 `<workdir>/metrics.json` with the test metrics of the best *validation* epoch.
+
+Devices: `create_train_state` places the state and static inputs on the `config.mesh`
+device mesh (fettle_jax/sharding.py); the compiled epoch and evaluation keep those
+shardings, split each batch over 'data', and (model > 1) rank items where their rows live.
+In a multi-process run every process trains; process 0 prints and writes the files.
 """
 
 import fcntl
