@@ -250,6 +250,7 @@ class Placement(NamedTuple):
 
     shardings = jax.tree.map(storage_sharding, self.shapes, self.shardings)
     to_storage = jax.jit(self.logical, out_shardings=shardings)
+
     def pad_leaf(x, sharding):
       target = padded_for(x.shape, sharding)
       if target == x.shape:
