@@ -152,8 +152,7 @@ def top_items_sharded(mesh, user_emb: Array, item_emb: Array, users: Array,
 
   def local(rows, items, users, bitmask):
     ids = jax.lax.axis_index(MODEL) * block + jnp.arange(block)
-    words = bitmask[users][:, jnp.minimum(ids, n_items - 1) >> 5]
-    seen = ((words >> (ids & 31).astype(jnp.uint32)) & 1).astype(bool)
+    seen = has_interaction(bitmask, users[:, None], jnp.minimum(ids, n_items - 1)[None, :])
     scores = jnp.where(seen | (ids >= n_items), -jnp.inf, rows @ items.T)
     values, index = jax.lax.top_k(scores, k_local)
     values = jax.lax.all_gather(values, MODEL, axis=1, tiled=True)  # block order
