@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from data_pipeline import dataset as dataset_lib
+from data_pipeline import derived
 from data_pipeline import wheels
 from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
@@ -110,15 +111,18 @@ def create_train_state(config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh(config.mesh)
   info = DataInfo(data.n_users, data.n_items, {k: v.shape[1] for k, v in data.features.items()})
   # Built on this process's default device (every process the same), then placed on the mesh.
+  graph = backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config)
+  if hasattr(backbone, "cached_structures"):  # expensive host structures, cached by the data
+    graph = {**graph, **{name: jnp.asarray(value) for name, value in
+                         derived.backbone_structures(backbone, config, data, log).items()}}
   static = StaticInputs(
       jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
-      {k: np.asarray(v, np.float32) for k, v in sorted(data.features.items())},
-      backbone.build_graph(data.train, data.n_users, data.n_items, data.features, config))
+      {k: np.asarray(v, np.float32) for k, v in sorted(data.features.items())}, graph)
   backbone_rng, alignment_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   params = {"backbone": backbone.init(backbone_rng, info, config),
             "alignment": alignment.init(alignment_rng, info, config)}
   model_state = backbone_contract.init_state(backbone, jax.random.fold_in(backbone_rng, 1),
-                                             static, config)
+                                             static, info, config)
   optimizer = make_optimizer(config)
   state = TrainState(params, optimizer.init(params), model_state)
   layout = sharding.Layout(mesh, sharding.placement(state, sharding.STATE_RULES, mesh),
@@ -178,7 +182,7 @@ def make_train_step(backbone, alignment, config, optimizer, layout=None):
   return step
 
 
-def make_train_epoch(backbone, alignment, config, optimizer, n_items: int, layout=None):
+def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, layout=None):
   """Returns epoch(state, rng, static) -> (state, mean losses): the backbone's epoch hook,
   then a lax.scan over the batches; one compiled program per run (per mesh). With a
   `layout`, inputs and outputs keep its shardings and each batch is split over 'data'."""
@@ -199,9 +203,9 @@ def make_train_epoch(backbone, alignment, config, optimizer, n_items: int, layou
       params = state.params if layout is None else sharding.slice_to_shapes(
           state.params, layout.state.shapes.params)  # the hook sees logical tables too
       state = state._replace(model_state=backbone.epoch_start(
-          params["backbone"], state.model_state, static,
+          params["backbone"], state.model_state, static, info,
           jax.random.fold_in(rng, backbone_contract.EPOCH_HOOK_STREAM), config))
-    batches = sampling.epoch_batches(batch_rng, static.train_pairs, static.seen, n_items,
+    batches = sampling.epoch_batches(batch_rng, static.train_pairs, static.seen, info.n_items,
                                      config.batch_size)
     if layout is not None:
       batches = layout.constrain_batches(batches)
@@ -394,7 +398,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 "n_test": len(data.test), "modalities": sorted(data.features)}
   del data  # the host copies of the features: the device holds the one we train on
   epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
-                              run.info.n_items, layout)
+                              run.info, layout)
   evaluate = make_evaluate(run.backbone, config, layout)
 
   checkpoints = checkpoint_lib.Checkpoints(workdir, layout.state)

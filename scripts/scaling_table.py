@@ -92,7 +92,7 @@ def state_shapes(config, info: DataInfo, static_shapes=None):
   model_state = {}
   if static_shapes is not None:
     model_state = jax.eval_shape(
-        lambda r, s: backbone_contract.init_state(backbone, r, s, config), rng, static_shapes)
+        lambda r, s: backbone_contract.init_state(backbone, r, s, info, config), rng, static_shapes)
   return train.TrainState(params, opt_state, model_state)
 
 

@@ -335,7 +335,7 @@ def test_freedom_prunes_once_per_epoch_through_the_epoch_hook(tiny_mmrec, tmp_pa
                                               run.config)[1])
   assert float(step_loss(jax.random.PRNGKey(1))) == float(step_loss(jax.random.PRNGKey(2)))
   next_state = freedom.epoch_start(run.state.params["backbone"], run.state.model_state,
-                                   run.static, jax.random.PRNGKey(3), run.config)
+                                   run.static, run.info, jax.random.PRNGKey(3), run.config)
   assert not np.array_equal(np.asarray(next_state["user_item"].senders), np.asarray(graph.senders))
   full = train.train_and_evaluate(config, str(tmp_path / "full"))  # asserts one trace
   config.max_epochs = 2

@@ -7,6 +7,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -32,14 +33,14 @@ def make_toy_backbone() -> types.ModuleType:
     return layers.init_embedding_tables(rng, data_info.n_users, data_info.n_items,
                                         config.embedding_size)
 
-  def init_state(rng, static, config):
-    del static
+  def init_state(rng, static, info, config):
+    del static, info
     return {"epochs": jnp.zeros((), jnp.int32),
             "centre": jax.random.normal(rng, (config.embedding_size,)),
             "draws": jnp.zeros((), jnp.float32)}
 
-  def epoch_start(params, model_state, static, rng, config):
-    del static, config
+  def epoch_start(params, model_state, static, info, rng, config):
+    del static, info, config
     return {"epochs": model_state["epochs"] + 1,
             "centre": jnp.mean(params["item_embedding"], axis=0),
             "draws": model_state["draws"] + jax.random.uniform(rng)}
@@ -138,3 +139,46 @@ def test_run_py_input_errors_are_one_line_and_bugs_keep_their_traceback(monkeypa
   monkeypatch.setattr(run.train, "train_and_evaluate", bug)
   with pytest.raises(ValueError, match="broadcast"):
     run.main(["run.py"])
+
+
+def test_cached_structures_are_computed_once_per_split_and_section(tiny_mmrec, tmp_path,
+                                                                   monkeypatch):
+  """A backbone's `cached_structures` runs once per (train split, config section); later
+  runs read `<data>/derived/`, a changed section recomputes, a corrupt entry is rebuilt, and
+  a read-only data folder falls back to the data cache root."""
+  toy = make_toy_backbone()
+  calls = []
+
+  def cached_structures(train_pairs, n_users, n_items, config):
+    calls.append(1)
+    counts = np.bincount(np.asarray(train_pairs)[:, 0], minlength=n_users)
+    return {"user_degree": counts.astype(np.float32) * config.toy_stateful.scale}
+
+  toy.cached_structures = cached_structures
+  monkeypatch.setitem(sys.modules, "fettle_jax.backbones.toy_stateful", toy)
+  config = tiny_config(tiny_mmrec, model="lightgcn")
+  config.model = "toy_stateful"
+  config.toy_stateful = ml_collections.ConfigDict({"scale": 0.5})
+  data = train.load_data(config)
+  expected = np.bincount(data.train[:, 0], minlength=data.n_users) * 0.5
+
+  def built():
+    return np.asarray(train.create_train_state(config, data).static.graph["user_degree"])
+
+  np.testing.assert_allclose(built(), expected, rtol=1e-6)
+  np.testing.assert_allclose(built(), expected, rtol=1e-6)
+  assert len(calls) == 1
+  entries = os.listdir(os.path.join(tiny_mmrec, "derived"))
+  assert len(entries) == 1 and entries[0].startswith("toy_stateful-")
+  config.toy_stateful.scale = 1.0  # the backbone's section is part of the key
+  np.testing.assert_allclose(built(), 2 * expected, rtol=1e-6)
+  assert len(calls) == 2 and len(os.listdir(os.path.join(tiny_mmrec, "derived"))) == 2
+  for entry in os.listdir(os.path.join(tiny_mmrec, "derived")):
+    with open(os.path.join(tiny_mmrec, "derived", entry), "wb") as f:
+      f.write(b"PK\x03\x04 truncated")
+  np.testing.assert_allclose(built(), 2 * expected, rtol=1e-6)
+  assert len(calls) == 3
+  monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only data folder
+  monkeypatch.setenv("FETTLE_JAX_DATA", str(tmp_path / "cache_root"))
+  np.testing.assert_allclose(built(), 2 * expected, rtol=1e-6)
+  assert len(calls) == 4 and len(os.listdir(tmp_path / "cache_root" / "derived")) == 1

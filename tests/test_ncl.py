@@ -217,7 +217,7 @@ def test_epoch_state_is_the_e_step_of_each_epoch_and_compiles_once(tiny_mmrec):
   assert state.model_state["item_cluster"].shape == (data.n_items,)
   # The epoch carries chex.assert_max_traces(n=1): a retrace in epoch 2 or 3 would raise.
   epoch_fn = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
-                                    run.info.n_items, run.layout)
+                                    run.info, run.layout)
   previous = None
   for epoch in (1, 2, 3):
     users = np.array(state.params["backbone"]["user_embedding"])  # before the donated call

@@ -18,6 +18,7 @@ from fettle_jax.types import Batch, DataInfo
 from tests.conftest import tiny_config
 
 N_USERS, N_ITEMS = 12, 9
+INFO = DataInfo(N_USERS, N_ITEMS, {})
 
 
 def random_pairs(seed=0, per_user=4):
@@ -110,7 +111,7 @@ def test_two_views_differ_and_are_deterministic_per_rng(kind):
   pairs = random_pairs(seed=2)
   static = make_static(pairs)
   config = sgl_config(type=kind, drop_ratio=0.2, n_layers=2)
-  draw = jax.jit(lambda rng: sgl.init_state(rng, static, config))
+  draw = jax.jit(lambda rng: sgl.init_state(rng, static, INFO, config))
   state = draw(jax.random.PRNGKey(0))
   again = draw(jax.random.PRNGKey(0))
   jax.tree_util.tree_map(np.testing.assert_array_equal, state, again)
@@ -119,7 +120,7 @@ def test_two_views_differ_and_are_deterministic_per_rng(kind):
   assert not np.array_equal(views.weights[0], views.weights[1])  # the two views differ
   if kind == "RW":  # a different edge-dropout graph per layer
     assert not np.array_equal(views.senders[0, 0], views.senders[0, 1])
-  nxt = jax.jit(lambda rng: sgl.epoch_start(None, state, static, rng, config))(
+  nxt = jax.jit(lambda rng: sgl.epoch_start(None, state, static, INFO, rng, config))(
       jax.random.PRNGKey(1))
   assert not np.array_equal(nxt["views"].weights, views.weights)  # redrawn each epoch
   # Every view, every layer: symmetric weights on train edges only.
@@ -178,8 +179,8 @@ def test_apply_equals_numpy_bpr_plus_scaled_ssl_plus_l2():
   static = make_static(pairs)
   config = sgl_config(n_layers=2)
   config.embedding_size = 4
-  params = sgl.init(jax.random.PRNGKey(0), DataInfo(N_USERS, N_ITEMS, {}), config)
-  state = sgl.init_state(jax.random.PRNGKey(1), static, config)
+  params = sgl.init(jax.random.PRNGKey(0), INFO, config)
+  state = sgl.init_state(jax.random.PRNGKey(1), static, INFO, config)
   batch = Batch(jnp.array([0, 1, 1, 4]), jnp.array([2, 3, 5, 5]), jnp.array([0, 0, 1, 8]))
   _, got = jax.jit(lambda p: sgl.apply(p, state, static, batch, None, config))(params)
 

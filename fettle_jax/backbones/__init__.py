@@ -11,12 +11,17 @@
 
 Optional:
   check_config(section) -> None   one-line ConfigErrors for `config.<name>`, before data loads;
-  init_state(rng, static, config) -> model_state     non-trainable state (default {}),
+  cached_structures(train_pairs, n_users, n_items, config) -> {name: np.ndarray}
+      an expensive, pure host computation on the train split (DualGNN's user graph); the
+      train loop caches it next to the data (data_pipeline/derived.py, keyed by the split
+      and the backbone's config section) and merges it into build_graph's dict;
+  init_state(rng, static, info, config) -> model_state     non-trainable state (default {}),
       checkpointed and resumed with the parameters;
-  epoch_start(params, model_state, static, rng, config) -> model_state
+  epoch_start(params, model_state, static, info, rng, config) -> model_state
       called at the start of every epoch inside the compiled epoch (per-epoch graph views,
       k-means prototypes, pruned graphs, ...).
 
+`info` is the data set's DataInfo (n_users, n_items, feature widths: static Python ints).
 `static` is the train loop's StaticInputs (train_pairs, seen, features, graph), one pytree
 on device; `config` is the whole experiment ConfigDict (the backbone reads its own section
 and the shared `config.embedding_size`).
@@ -40,8 +45,8 @@ def get_backbone(name: str) -> types.ModuleType:
     raise ConfigError(f"unknown backbone {name!r}") from None
 
 
-def init_state(backbone: types.ModuleType, rng, static, config):
+def init_state(backbone: types.ModuleType, rng, static, info, config):
   """The backbone's initial non-trainable state; {} for backbones that keep none."""
   if hasattr(backbone, "init_state"):
-    return backbone.init_state(rng, static, config)
+    return backbone.init_state(rng, static, info, config)
   return {}

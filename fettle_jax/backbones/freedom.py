@@ -92,27 +92,25 @@ def check_config(cfg) -> None:
     raise ConfigError(f"freedom.prune_every must be 'step' or 'epoch', got {cfg.prune_every!r}")
 
 
-def _pruned_graph(rng, static, cfg) -> graphs.Graph:
-  n_users = static.seen.offsets.shape[0] - 1
-  n_items = next(iter(static.features.values())).shape[0]  # FREEDOM has >= 1 modality
+def _pruned_graph(rng, static, n_users: int, n_items: int, cfg) -> graphs.Graph:
   return graphs.pruned_user_item_graph(rng, static.graph["edges"], n_users, n_items, cfg.dropout)
 
 
-def init_state(rng, static, config):
+def init_state(rng, static, info, config):
   """With prune_every='epoch': the pruned user-item graph of the current epoch."""
   cfg = config.freedom
   check_config(cfg)
   if cfg.prune_every != "epoch" or cfg.dropout <= 0:
     return {}
-  return {"user_item": _pruned_graph(rng, static, cfg)}
+  return {"user_item": _pruned_graph(rng, static, info.n_users, info.n_items, cfg)}
 
 
-def epoch_start(params, model_state, static, rng, config):
+def epoch_start(params, model_state, static, info, rng, config):
   """MMRec's FREEDOM prunes once per epoch: draw this epoch's graph (prune_every='epoch')."""
   del params
   if not model_state:
     return model_state
-  return {"user_item": _pruned_graph(rng, static, config.freedom)}
+  return {"user_item": _pruned_graph(rng, static, info.n_users, info.n_items, config.freedom)}
 
 
 def init(rng, data_info: DataInfo, config):
@@ -153,7 +151,8 @@ def apply(params, model_state, static, batch: Batch, rng, config):
   if "user_item" in model_state:  # prune_every='epoch': this epoch's graph
     user_item = model_state["user_item"]
   elif cfg.dropout > 0:
-    user_item = _pruned_graph(rng, static, cfg)
+    user_item = _pruned_graph(rng, static, *(params[f"{side}_embedding"].shape[0]
+                                             for side in ("user", "item")), cfg)
   else:
     user_item = static.graph["user_item"]
   # With fewer batch rows than items, FREEDOM's own modality loss reads only feature

@@ -78,12 +78,7 @@ def check_config(cfg) -> None:
     raise ConfigError(f"ncl.ssl_temp must be positive, got {cfg.ssl_temp}")
 
 
-def build_graph(train_pairs, n_users, n_items, features, config):
-  graph = lightgcn.build_graph(train_pairs, n_users, n_items, features, config)
-  # Zero-width [n_items, 0] (no memory): carries n_items as a static shape, which
-  # init_state needs for the item assignments and the contract does not pass it.
-  graph["item_rows"] = jnp.zeros((n_items, 0), jnp.float32)
-  return graph
+build_graph = lightgcn.build_graph
 
 
 init = lightgcn.init
@@ -132,17 +127,13 @@ def kmeans(rng, x, k: int, n_iters: int):
 # ----------------------------------------------------------------------------- model state
 
 
-def _n_users_items(static):
-  return static.seen.offsets.shape[0] - 1, static.graph["item_rows"].shape[0]
-
-
-def init_state(rng, static, config):
+def init_state(rng, static, info, config):
   """Placeholders with the E-step's shapes: `epoch_start` replaces them before the first
   step (init_state sees no parameters), and the epoch counter starts at 0."""
-  del rng
+  del rng, static
   cfg = config.ncl
   check_config(cfg)
-  n_users, n_items = _n_users_items(static)
+  n_users, n_items = info.n_users, info.n_items
   size = config.embedding_size
   return {
       "epoch": jnp.zeros((), jnp.int32),
@@ -153,10 +144,11 @@ def init_state(rng, static, config):
   }
 
 
-def epoch_start(params, model_state, static, rng, config):
+def epoch_start(params, model_state, static, info, rng, config):
   """E-step (Sec 3.3.2): k-means on the current ego user and item embeddings."""
+  del static
   cfg = config.ncl
-  n_users, n_items = _n_users_items(static)
+  n_users, n_items = info.n_users, info.n_items
   # [:n]: the logical rows, should the stored tables carry mesh padding.
   users = jax.lax.stop_gradient(params["user_embedding"][:n_users])
   items = jax.lax.stop_gradient(params["item_embedding"][:n_items])

@@ -79,9 +79,6 @@ def build_graph(train_pairs, n_users, n_items, features, config):
   structures = lightgcn.build_graph(train_pairs, n_users, n_items, features, config)
   structures["edges"] = graphs.bipartite_edges(train_pairs[:, 0], train_pairs[:, 1], n_users,
                                                n_items)
-  # Train degree per item: its static shape tells init_state (which sees no params) n_items.
-  structures["item_degree"] = jnp.asarray(
-      np.bincount(train_pairs[:, 1], minlength=n_items), jnp.float32)
   return structures
 
 
@@ -146,21 +143,17 @@ def draw_views(rng: Array, edges: graphs.BipartiteEdges, n_users: int, n_items: 
   return graphs.Graph(*(a.reshape((2, n_graphs) + a.shape[1:]) for a in stacked))
 
 
-def _sizes(static):
-  return static.seen.offsets.shape[0] - 1, static.graph["item_degree"].shape[0]
-
-
-def init_state(rng, static, config):
+def init_state(rng, static, info, config):
   """The first epoch's views (epoch_start redraws them before each epoch's steps)."""
   check_config(config.sgl)
-  n_users, n_items = _sizes(static)
-  return {"views": draw_views(rng, static.graph["edges"], n_users, n_items, config.sgl)}
+  return {"views": draw_views(rng, static.graph["edges"], info.n_users, info.n_items,
+                              config.sgl)}
 
 
-def epoch_start(params, model_state, static, rng, config):
+def epoch_start(params, model_state, static, info, rng, config):
   """Two fresh views per epoch, as both reference implementations redraw them."""
   del params, model_state
-  return init_state(rng, static, config)
+  return init_state(rng, static, info, config)
 
 
 # ----------------------------------------------------------------------------- forward and loss

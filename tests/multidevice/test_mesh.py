@@ -22,7 +22,7 @@ def train_epochs(config, n_epochs):
   data = train.load_data(config)
   run = train.create_train_state(config, data)
   epoch_fn = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
-                                    run.info.n_items, run.layout)
+                                    run.info, run.layout)
   evaluate = train.make_evaluate(run.backbone, run.config, run.layout)
   eval_data = train.build_eval_data(data, run.config, run.layout)
   state, losses = run.state, []
@@ -89,7 +89,7 @@ def test_shards_hold_their_fraction_and_the_epoch_all_reduces_once_compiled(tiny
       (batches.users.shape[0], config.batch_size // 2)}
 
   epoch_fn = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
-                                    run.info.n_items, run.layout)
+                                    run.info, run.layout)
   rng = jax.random.PRNGKey(1)
   hlo = epoch_fn.lower(run.state, rng, run.static).compile().as_text()
   assert "all-reduce" in hlo
