@@ -68,11 +68,13 @@ class Checkpoints:
   def __init__(self, workdir: str, placement: Optional[sharding.Placement] = None):
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.root = root
-    self._state = self._params = None
+    self._state = self._params = self._model_state = None
     if placement is not None:  # built once: the pad/unpad programs compile once per run
       self._state = _Storage(placement)
       self._params = _Storage(sharding.Placement(placement.shardings.params,
                                                  placement.shapes.params))
+      self._model_state = _Storage(sharding.Placement(placement.shardings.model_state,
+                                                      placement.shapes.model_state))
 
     def options(keep):
       # Synchronous saves: the train step donates the state buffers, so a background write
@@ -121,18 +123,35 @@ class Checkpoints:
         f"{self.root}/latest: no readable checkpoint (tried epochs {failures}); move the "
         "workdir away to start over")
 
-  def save_best(self, epoch: int, params: Any) -> None:
+  def save_best(self, epoch: int, params: Any, model_state: Any = None) -> None:
+    """The best epoch's parameters and the non-trainable state its ranking read (a
+    backbone's `represent` may read it, e.g. LATTICE's learned neighbours)."""
     # A resumed run re-runs the epochs after its last 'latest' step and may reach a best
     # epoch saved before the interruption again: replace it (same seed, same parameters).
     if epoch in self._best.all_steps():
       self._best.delete(epoch)
     params = (self._params or _Storage(None, params)).save_form(params)
-    self._save(self._best, epoch, ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    items = {"params": ocp.args.StandardSave(params)}
+    if jax.tree.leaves(model_state):  # Orbax refuses empty items; most backbones keep none
+      model_state = (self._model_state or _Storage(None, model_state)).save_form(model_state)
+      items["model_state"] = ocp.args.StandardSave(model_state)
+    self._save(self._best, epoch, ocp.args.Composite(**items))
 
-  def restore_best(self, like_params: Any = None) -> Any:
-    storage = self._params or _Storage(None, like_params)
-    return storage.run_form(self._best.restore(self._best.latest_step(), args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(storage.abstract))).params)
+  def restore_best(self, like_params: Any = None,
+                   like_model_state: Any = None) -> Tuple[Any, Optional[Any]]:
+    """(params, model_state) of the best epoch; model_state is None if the checkpoint holds
+    none (a backbone without state, or a run saved before the state was kept)."""
+    step = self._best.latest_step()
+    params_storage = self._params or _Storage(None, like_params)
+    items = {"params": ocp.args.StandardRestore(params_storage.abstract)}
+    state_storage = None
+    if os.path.isdir(os.path.join(self.root, "best", str(step), "model_state")):
+      state_storage = self._model_state or _Storage(None, like_model_state)
+      items["model_state"] = ocp.args.StandardRestore(state_storage.abstract)
+    restored = self._best.restore(step, args=ocp.args.Composite(**items))
+    model_state = None if state_storage is None else state_storage.run_form(
+        restored.model_state)
+    return params_storage.run_form(restored.params), model_state
 
   @staticmethod
   def _save(manager, epoch: int, args) -> None:

@@ -30,6 +30,7 @@ from data_pipeline import derived
 from data_pipeline import wheels
 from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import curves
 from fettle_jax import evaluation
 from fettle_jax import sampling
 from fettle_jax import sharding
@@ -432,7 +433,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       if improved:  # model selection looks at validation only
         loop.update(best_epoch=epoch, best_value=valid[selection], bad_epochs=0,
                     best_valid=valid, best_test=test)
-        checkpoints.save_best(epoch, state.params)
+        checkpoints.save_best(epoch, state.params, state.model_state)
       else:
         loop["bad_epochs"] += 1
       loop["epoch"] = epoch
@@ -478,6 +479,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if is_primary():
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
       json.dump(result, f, indent=2, default=str)
+    curves.save(workdir, result)  # learning_curves.{csv,png}; a failure is one printed note
   test = loop["best_test"]
   log(f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
       + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"

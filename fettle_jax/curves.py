@@ -1,0 +1,90 @@
+"""Learning curves of a run: `learning_curves.csv` and `learning_curves.png` next to
+metrics.json (train.py calls `save` when a run ends).
+
+Per epoch: the backbone, alignment and total training loss (means over the epoch's
+batches) and the validation selection metric (e.g. valid recall@20); the plot marks the
+best (selected) epoch. Plotting uses matplotlib's Agg canvas directly (no global backend
+switch, no display). `save` never raises: a finished run must not fail over a plot.
+"""
+
+import csv
+import os
+from typing import Optional, Sequence
+
+LOSSES = (("backbone_loss", "backbone loss"), ("alignment_loss", "alignment loss"),
+          ("loss", "total loss"))
+
+
+def metric_key(history: Sequence[dict]) -> Optional[str]:
+  """The history's validation metric field, e.g. 'valid_recall@20'."""
+  for record in history:
+    for key in record:
+      if key.startswith("valid_"):
+        return key
+  return None
+
+
+def write_csv(path: str, history: Sequence[dict]) -> None:
+  """One row per epoch: epoch, backbone_loss, alignment_loss, loss, valid_<metric>."""
+  metric = metric_key(history)
+  columns = ["epoch"] + [key for key, _ in LOSSES] + ([metric] if metric else [])
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for record in history:
+      writer.writerow([record.get(c, "") for c in columns])  # str(float): shortest exact
+
+
+def plot(path: str, history: Sequence[dict], best_epoch: Optional[int] = None,
+         title: str = "") -> None:
+  """Two panels over epochs: the three losses, and the validation metric (best marked)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+
+  metric = metric_key(history)
+  epochs = [r["epoch"] for r in history]
+  figure = Figure(figsize=(11, 4.2), dpi=100)
+  FigureCanvasAgg(figure)
+  losses, valid = figure.subplots(1, 2)
+  for (key, label), style in zip(LOSSES, ("-", "-", "--")):
+    losses.plot(epochs, [r.get(key, float("nan")) for r in history], style, label=label)
+  losses.set(title="training loss (mean over the epoch's batches)", xlabel="epoch",
+             ylabel="loss")
+  losses.legend()
+  losses.grid(alpha=0.3)
+  name = metric[len("valid_"):] if metric else "metric"
+  if metric:
+    values = [r.get(metric, float("nan")) for r in history]
+    valid.plot(epochs, values, "-", color="C2", label=f"valid {name}")
+    if best_epoch in epochs:
+      valid.plot([best_epoch], [values[epochs.index(best_epoch)]], "o", color="C3")
+  if best_epoch:
+    valid.axvline(best_epoch, color="C3", linestyle=":",
+                  label=f"best epoch {best_epoch} (selected)")
+  valid.set(title=f"validation {name} (model selection)", xlabel="epoch", ylabel=name)
+  valid.legend()
+  valid.grid(alpha=0.3)
+  for axes in (losses, valid):
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+  if title:
+    figure.suptitle(title)
+  figure.tight_layout()
+  figure.savefig(path)
+
+
+def save(workdir: str, result: dict) -> None:
+  """Writes <workdir>/learning_curves.{csv,png} from train_and_evaluate's result; any
+  failure (matplotlib missing, a full disk, ...) is one printed note, never an exception."""
+  history = result.get("history") or []
+  try:
+    write_csv(os.path.join(workdir, "learning_curves.csv"), history)
+    config = result.get("config") or {}
+    title = (f"{config.get('model', '?')}, alignment {config.get('alignment', '?')}, on "
+             f"{(result.get('data') or {}).get('name', '?')}: best epoch "
+             f"{result.get('best_epoch')} of {result.get('epochs')}")
+    plot(os.path.join(workdir, "learning_curves.png"), history, result.get("best_epoch"),
+         title)
+  except Exception as e:  # pylint: disable=broad-except  # the run itself has finished
+    print(f"note: learning curves not written ({type(e).__name__}: "
+          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", flush=True)

@@ -1,0 +1,213 @@
+"""A finished run, reopened: its config, data, backbone and best-validation parameters.
+
+Shared by `fettle_jax.recommend` and `fettle_jax.export`. A run folder holds
+`metrics.json` (written when training ends: the config as run, and where the data was)
+and `checkpoints/best` (the parameters of the best validation epoch, the ones behind
+metrics.json's test numbers). Problems with either, or with the data folder, are one-line
+`RunFolderError`s / `DataError`s (both in `errors.REPORTED_ERRORS`).
+
+The tools run on one device (`config.mesh` is replaced by 1 x 1); checkpoints restore onto
+any mesh. The best checkpoint holds parameters only: a backbone whose `represent` reads its
+non-trainable state (LATTICE's learned neighbours) gets that state rebuilt from the best
+parameters by its `epoch_start` hook, with a printed note: it approximates the state
+evaluation saw (which was built from the parameters at the start of the best epoch).
+"""
+
+import csv
+import json
+import os
+from typing import Any, Dict, NamedTuple, Optional
+
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from data_pipeline import dataset as dataset_lib
+from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import train
+from fettle_jax.errors import ConfigError, DataError
+from fettle_jax.types import Representations
+
+
+class RunFolderError(ConfigError):
+  """A --workdir or tool flag these tools cannot use; the message says what to do."""
+
+
+class Run(NamedTuple):
+  workdir: str
+  metrics: dict                      # metrics.json as written by train_and_evaluate
+  experiment: train.Experiment       # config, backbone, static inputs, ... (train.py)
+  data: dataset_lib.Dataset
+  params: Any                        # the best-validation parameters {"backbone", "alignment"}
+  model_state: Any                   # the backbone's non-trainable state for `represent`
+
+
+def _tuples(value):
+  """JSON turned the config's tuples into lists; ConfigDict fields want them back."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def read_metrics(workdir: str) -> dict:
+  if not os.path.isdir(workdir):
+    raise RunFolderError(f"{workdir}: no such run folder (pass the --workdir of a finished "
+                         "`python run.py` run)")
+  path = os.path.join(workdir, "metrics.json")
+  if not os.path.exists(path):
+    raise RunFolderError(f"{path}: not found; the run has not finished (rerun `python run.py "
+                         f"--workdir={workdir}` with its config to resume and finish it)")
+  try:
+    with open(path) as f:
+      metrics = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise RunFolderError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(metrics, dict) or not all(k in metrics for k in ("config", "data")):
+    raise RunFolderError(f"{path}: has no 'config' and 'data' entries (written by an older "
+                         "version of run.py?)")
+  return metrics
+
+
+def run_config(metrics: dict) -> ml_collections.ConfigDict:
+  """The ConfigDict the run trained with (data-derived settings included), on one device."""
+  config = ml_collections.ConfigDict(_tuples(metrics["config"]))
+  config.mesh = ml_collections.ConfigDict({"data": 1, "model": 1})
+  return config
+
+
+def load_run_data(metrics: dict, config: ml_collections.ConfigDict, workdir: str,
+                  data_path: Optional[str] = None) -> dataset_lib.Dataset:
+  """The run's data set (from metrics.json's path, or `data_path`), checked to be the same
+  one: a moved folder or other data is a one-line error, not a wrong answer."""
+  facts = metrics["data"]
+  path = data_path or facts["path"]
+  if not os.path.isdir(path):
+    raise RunFolderError(f"{path}: the data folder of {workdir} (metrics.json) does not exist; "
+                         "if it moved, pass --data=NEW_FOLDER")
+  modalities = config.data.modalities
+  data = dataset_lib.load_dataset(path, name=facts.get("name") or None,
+                                  modalities=list(modalities) if modalities is not None else None)
+  found = {"n_users": data.n_users, "n_items": data.n_items, "n_train": len(data.train),
+           "n_valid": len(data.valid), "n_test": len(data.test)}
+  differ = [f"{k} {facts[k]} != {v}" for k, v in found.items() if k in facts and facts[k] != v]
+  if differ:
+    raise RunFolderError(f"{path}: not the data {workdir} was trained on (run vs folder: "
+                         f"{', '.join(differ)})")
+  return data
+
+
+def load_run(workdir: str, data_path: Optional[str] = None) -> Run:
+  """Reopens a finished run: config and data from metrics.json, the backbone assembled as
+  in training (`train.create_train_state`), the best checkpoint's parameters."""
+  metrics = read_metrics(workdir)
+  best = os.path.join(workdir, "checkpoints", "best")
+  if not os.path.isdir(best) or not any(name.isdigit() for name in os.listdir(best)):
+    raise RunFolderError(f"{best}: no best checkpoint (the run trained no epoch, or its "
+                         "checkpoints were removed)")
+  config = run_config(metrics)
+  data = load_run_data(metrics, config, workdir, data_path)
+  config.data.path, config.data.prepare = data.path, ""  # never re-prepare: use this folder
+  experiment = train.create_train_state(config, data)
+  checkpoints = checkpoint_lib.Checkpoints(workdir, experiment.layout.state)
+  try:
+    params, model_state = checkpoints.restore_best()
+  except Exception as e:  # pylint: disable=broad-except  # torn/corrupt/mismatched: one line
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise RunFolderError(f"{best}: cannot restore the best parameters "
+                         f"({type(e).__name__}: {first})") from None
+  finally:
+    checkpoints.close()
+  if model_state is None:  # the backbone keeps no state (or none its ranking reads)
+    model_state = experiment.state.model_state
+  return Run(workdir, metrics, experiment, data, params, model_state)
+
+
+def represent(run: Run) -> Representations:
+  """The backbone's representations of every user and item under the best parameters."""
+  experiment = run.experiment
+  fn = jax.jit(lambda p, s, st: experiment.backbone.represent(p, s, st, experiment.config))
+  return fn(run.params["backbone"], run.model_state, experiment.static)
+
+
+# ------------------------------------------------------------------------- original ids
+# Files that map the data set's ids (0..n-1) back to the ids they were made from:
+# (user file, item file, format). The first pair found in the folder is used.
+ID_FILES = (
+    ("users.csv", "items.csv", "prepared"),             # data_pipeline.prepare (ml100k)
+    ("u_id_mapping.csv", "i_id_mapping.csv", "mmrec"),  # MMRec's preprocessing
+    ("user_ids.txt", "item_ids.txt", "lines"),          # data_pipeline.convert --remap
+    ("user2id.json", "item2id.json", "json"),           # LATTICE
+)
+
+
+def _read_ids(file: str, kind: str, what: str, n: int) -> np.ndarray:
+  """Original id (as text) of each id 0..n-1; DataError if the file does not cover them."""
+  names = {}
+  with open(file, encoding="utf-8", newline="") as f:
+    if kind == "lines":
+      for k, line in enumerate(f.read().splitlines()):
+        names[k] = line.strip()
+    elif kind == "json":
+      for original, k in json.load(f).items():
+        names[int(k)] = str(original)
+    else:
+      first = f.readline()
+      f.seek(0)
+      rows = csv.DictReader(f, delimiter="\t" if "\t" in first else ",")
+      header = rows.fieldnames or []
+      if kind == "prepared":  # user_id, raw_user_id
+        new, old = f"{what}_id", f"raw_{what}_id"
+      else:  # MMRec: userID / itemID is the new id, the other column the original
+        new = "userID" if what == "user" else "itemID"
+        others = [c for c in header if c != new]
+        old = others[0] if others else None
+      if new not in header or old not in header:
+        raise DataError(f"{file}: expected columns {new!r} and an original id, got {header}")
+      for row in rows:
+        names[int(row[new])] = row[old]
+  missing = [k for k in range(n) if k not in names]
+  if missing:
+    raise DataError(f"{file}: no original id for {what} {missing[0]} ({len(missing)} of {n} "
+                    "missing)")
+  return np.array([names[k] for k in range(n)], dtype=object)
+
+
+def original_ids(path: str, n_users: int, n_items: int) -> Optional[Dict[str, Any]]:
+  """{"users": [n_users], "items": [n_items], "files": (user file, item file)} of original
+  ids from the folder's mapping files, or None when it has none. An unreadable mapping is
+  reported as one `note:` line and left out (it is optional; the ranking does not need it)."""
+  for user_file, item_file, kind in ID_FILES:
+    files = (os.path.join(path, user_file), os.path.join(path, item_file))
+    if not all(os.path.exists(f) for f in files):
+      continue
+    try:
+      return {"users": _read_ids(files[0], kind, "user", n_users),
+              "items": _read_ids(files[1], kind, "item", n_items), "files": files}
+    except (DataError, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
+      print(f"note: original ids left out: {e}", flush=True)
+      return None
+  return None
+
+
+# ------------------------------------------------------------------------- command lines
+def parse_flags(flag_values, argv, doc: str, required=("workdir",)) -> bool:
+  """Parses a tool's own absl FlagValues; False after printing --help. A bad or missing
+  flag is one `error:` line and exit status 1 (SystemExit). Every call starts from the
+  defaults (a second call in one process does not inherit the first one's values)."""
+  if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+    print(doc.strip() + "\n\nflags:\n" + flag_values.get_help(), flush=True)
+    return False
+  flag_values.unparse_flags()
+  try:
+    rest = flag_values(list(argv))
+  except flags.Error as e:
+    raise SystemExit(f"error: {e}") from None
+  if len(rest) > 1:
+    raise SystemExit(f"error: unexpected arguments {rest[1:]}")
+  missing = [f"--{name}" for name in required if not flag_values[name].value]
+  if missing:
+    raise SystemExit(f"error: {' and '.join(missing)} required (see --help)")
+  return True
