@@ -43,6 +43,7 @@ def csr_matrix(graph: Graph, n_nodes: int) -> sparse.BCSR:
   return sparse.BCSR((graph.weights, graph.senders, indptr), shape=(n_nodes, n_nodes))
 
 
+TINY_DEGREE = 1e-12  # rsqrt's argument floor: finite gradients where a row's degree is 0
 ROW_BLOCK_CHUNK = 1 << 16  # edges per step of a device's loop: memory O(chunk * d), not O(E * d)
 
 
@@ -221,6 +222,47 @@ def knn_item_graph(features: dict, k: int, modality_weights: dict,
   unique_keys, inverse = np.unique(np.concatenate(keys), return_inverse=True)
   merged = np.bincount(inverse.reshape(-1), weights=np.concatenate(values))
   return sort_edges_by_receiver(unique_keys % n, unique_keys // n, merged.astype(np.float32))
+
+
+# Weighted kNN graphs (LATTICE, Zhang et al. MM'21, keeps the similarity values; FREEDOM's are
+# 0/1), and the neighbour selection traced inside a compiled epoch (LATTICE's learned graph).
+
+
+def normalized_knn_weights(neighbours: Array, similarities: Array) -> Array:
+  """LATTICE Eq. 3 on a weighted kNN graph: D^-1/2 S D^-1/2 at its edges, [n, k].
+
+  S_ij = similarities[i, s] for j = neighbours[i, s] (Eq. 2 keeps the values), D_ii = sum_j
+  S_ij the row sums (row i receives from its neighbours j), on both sides as the paper.
+  Rows with degree <= 0 get weight 0. Works on host (NumPy inputs) and traced arrays.
+  """
+  similarities = jnp.asarray(similarities, jnp.float32)
+  degree = jnp.sum(similarities, axis=1)
+  inv_sqrt = jnp.where(degree > 0, jax.lax.rsqrt(jnp.maximum(degree, TINY_DEGREE)), 0.0)
+  return similarities * inv_sqrt[:, None] * inv_sqrt[neighbours]
+
+
+def edge_cosine(unit: Array, neighbours: Array) -> Array:
+  """cos(x_i, x_j) at each kNN edge (Eq. 1 / 5) from unit rows: [n, k]. Gathers [n, k, L]."""
+  return jnp.einsum("nl,nkl->nk", unit, unit[neighbours],
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def host_edge_cosine(features: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+  """edge_cosine on the host for wide raw features, one neighbour slot at a time: memory
+  O(n d), never the [n, k, d] gather (Baby: 7,050 x 10 x 4,096 floats)."""
+  x = np.asarray(features, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  unit = np.where(norms > 0, x / np.maximum(norms, 1e-300), 0.0)
+  return np.stack([np.sum(unit * unit[neighbours[:, s]], axis=1)
+                   for s in range(neighbours.shape[1])], axis=1).astype(np.float32)
+
+
+def select_neighbours(x: Array, k: int, block_size: int) -> Array:
+  """Exact top-k cosine neighbours of every row (the item itself included), int32 [n, k];
+  traceable (knn_neighbours is the host version), no gradient."""
+  n = x.shape[0]
+  k, block_size = min(int(k), n), max(1, min(int(block_size), n))
+  return _knn_blocks(jax.lax.stop_gradient(x), k, block_size).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- edge pruning

@@ -97,3 +97,9 @@ def uniformity_loss(x: Array, t: float = 2.0) -> Array:
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
   potential = jnp.where(upper, -t * sq_dist, -jnp.inf)
   return jax.nn.logsumexp(potential) - jnp.log(n * (n - 1) / 2.0)
+
+
+def weight_decay_penalty(params) -> Array:
+  """||theta||^2 / 2 over every parameter: wd times it adds wd * theta to each gradient, as
+  torch Adam's weight_decay does (DirectAU, SLMRec)."""
+  return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import directau_baby
-from fettle_jax import sampling, train
+from fettle_jax import losses, sampling, train
 from fettle_jax.backbones import directau
 from fettle_jax.errors import ConfigError
 from fettle_jax.types import Batch, DataInfo
@@ -144,7 +144,7 @@ def test_gradients_finite_and_weight_decay_gradient_is_theta(encoder):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
   assert float(jnp.abs(grads["item_embedding"][batch.pos_items]).sum()) > 0
   # weight_decay * penalty adds wd * theta to every row's gradient (torch Adam's decay).
-  penalty_grads = jax.grad(directau.weight_decay_penalty)(params)
+  penalty_grads = jax.grad(losses.weight_decay_penalty)(params)
   for name in ("user_embedding", "item_embedding"):
     np.testing.assert_allclose(np.asarray(penalty_grads[name]), np.asarray(params[name]))
 

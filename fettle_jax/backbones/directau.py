@@ -23,11 +23,9 @@ evaluation metric, not the training loss.)
 Weight decay: the authors train with torch Adam(weight_decay=1e-6), which adds wd * theta to
 the gradient of every parameter (every table row, since the tables have dense gradients).
 The shared optimizer here is plain Adam, so the same gradient comes from the loss term
-wd / 2 * ||theta||^2 over the whole tables (`weight_decay_penalty`).
+wd / 2 * ||theta||^2 over the whole tables (`losses.weight_decay_penalty`).
 """
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 from fettle_jax import losses
@@ -93,14 +91,9 @@ def directau_loss(user_vecs, item_vecs, gamma: float):
   return losses.alignment_loss(user_vecs, item_vecs, alpha=2.0) + gamma * uniform
 
 
-def weight_decay_penalty(params) -> jnp.ndarray:
-  """||theta||^2 / 2 over every parameter: wd times it adds wd * theta to each gradient."""
-  return 0.5 * sum(jnp.sum(jnp.square(p)) for p in jax.tree_util.tree_leaves(params))
-
-
 def apply(params, model_state, static, batch: Batch, rng, config):
   del rng
   cfg = config.directau
   reps = represent(params, model_state, static, config)
   loss = directau_loss(reps.users[batch.users], reps.items[batch.pos_items], cfg.gamma)
-  return reps, loss + cfg.weight_decay * weight_decay_penalty(params)
+  return reps, loss + cfg.weight_decay * losses.weight_decay_penalty(params)
