@@ -55,10 +55,13 @@ def test_meshes_match_one_device(tiny_mmrec, model, meshes):
                                                          err_msg=str(mesh)), params, base[0])
 
 
-@pytest.mark.parametrize("model", ["sgl", "directau", "ncl"])
-def test_contrastive_backbones_on_2x4_match_one_device(tiny_mmrec, model):
-  base = train_epochs(mesh_config(tiny_mmrec, model, "none", (1, 1)), 2)
-  _, losses, metrics, _ = train_epochs(mesh_config(tiny_mmrec, model, "none", (2, 4)), 2)
+@pytest.mark.parametrize("model,alignment", [
+    ("sgl", "none"), ("directau", "none"), ("ncl", "none"), ("grcn", "none"),
+    ("dualgnn", "none"), ("slmrec", "none"), ("lattice", "fettle")])
+def test_later_backbones_on_2x4_match_one_device(tiny_mmrec, model, alignment):
+  """The backbones added after the mesh (CF contrastive and multi-modal): 2 epochs."""
+  base = train_epochs(mesh_config(tiny_mmrec, model, alignment, (1, 1)), 2)
+  _, losses, metrics, _ = train_epochs(mesh_config(tiny_mmrec, model, alignment, (2, 4)), 2)
   np.testing.assert_allclose(losses, base[1], rtol=1e-5, atol=1e-6)
   for name, value in metrics.items():
     np.testing.assert_allclose(value, base[2][name], atol=1e-4, err_msg=name)
