@@ -219,7 +219,8 @@ def test_bad_settings_are_config_errors():
 
 
 # alignment 'none' trains through the same apply (its loss and gradients are tested above).
-@pytest.mark.parametrize("alignment", ["fettle", "bm3"])
+# BM3 on a multi-modal backbone runs in test_grcn.py and test_slmrec.py.
+@pytest.mark.parametrize("alignment", ["fettle"])
 def test_tiny_end_to_end_run(tiny_mmrec, tmp_path, alignment):
   config = tiny_config(tiny_mmrec, model="dualgnn", alignment=alignment)
   config.max_epochs = 2

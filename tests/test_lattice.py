@@ -221,7 +221,8 @@ def test_bad_settings_are_config_errors():
     lattice.build_graph(random_pairs(), N_USERS, N_ITEMS, {}, lattice_config())
 
 
-@pytest.mark.parametrize("alignment", ["fettle", "bm3"])
+# BM3 on a multi-modal backbone runs in test_grcn.py and test_slmrec.py.
+@pytest.mark.parametrize("alignment", ["fettle"])
 def test_tiny_aligned_run_trains_two_epochs(tiny_mmrec, tmp_path, alignment):
   config = tiny_config(tiny_mmrec, model="lattice", alignment=alignment)
   config.max_epochs, config.lattice.knn_k = 2, 4

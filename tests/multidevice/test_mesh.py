@@ -57,7 +57,7 @@ def test_meshes_match_one_device(tiny_mmrec, model, meshes):
 
 @pytest.mark.parametrize("model,alignment", [
     ("sgl", "none"), ("directau", "none"), ("ncl", "none"), ("grcn", "none"),
-    ("dualgnn", "none"), ("slmrec", "none"), ("lattice", "fettle")])
+    ("dualgnn", "none"), ("slmrec", "none"), ("lattice", "none")])
 def test_later_backbones_on_2x4_match_one_device(tiny_mmrec, model, alignment):
   """The backbones added after the mesh (CF contrastive and multi-modal): 2 epochs."""
   base = train_epochs(mesh_config(tiny_mmrec, model, alignment, (1, 1)), 2)
