@@ -88,14 +88,9 @@ def export(run: workdir_lib.Run, out_dir: str) -> dict:
 
 
 FLAGS = flags.FlagValues()  # this tool's own flags (tools and tests import each other freely)
-flags.DEFINE_string("workdir", None, "Run folder of a finished `python run.py` run.",
-                    flag_values=FLAGS)
+workdir_lib.define_run_flags(FLAGS)
 flags.DEFINE_string("out", None, "Output folder for the .npy files and README.md.",
                     flag_values=FLAGS)
-flags.DEFINE_string("data", None, "Data folder, if it moved since training (default: the "
-                    "path in <workdir>/metrics.json).", flag_values=FLAGS)
-flags.DEFINE_string("compilation_cache", "", "As run.py's: '' = the default cache, 'none' = "
-                    "off.", flag_values=FLAGS)
 
 
 def main(argv) -> int:

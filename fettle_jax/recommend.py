@@ -124,8 +124,7 @@ def write_csv(path: str, users, items, n_kept, original=None) -> int:
 
 
 FLAGS = flags.FlagValues()  # this tool's own flags (tools and tests import each other freely)
-flags.DEFINE_string("workdir", None, "Run folder of a finished `python run.py` run.",
-                    flag_values=FLAGS)
+workdir_lib.define_run_flags(FLAGS)
 flags.DEFINE_integer("k", 20, "Recommendations per user.", flag_values=FLAGS)
 flags.DEFINE_string("out", "recs.csv", "Output CSV: user,rank,item[,user_original,"
                     "item_original].", flag_values=FLAGS)
@@ -134,10 +133,6 @@ flags.DEFINE_string("users", None, "Text file, one user id per line; default: ev
 flags.DEFINE_enum("exclude", "all", list(EXCLUDE), "Items left out of a user's list: 'all' "
                   "(train, valid and test interactions) or 'train' (the evaluation protocol).",
                   flag_values=FLAGS)
-flags.DEFINE_string("data", None, "Data folder, if it moved since training (default: the "
-                    "path in <workdir>/metrics.json).", flag_values=FLAGS)
-flags.DEFINE_string("compilation_cache", "", "As run.py's: '' = the default cache, 'none' = "
-                    "off.", flag_values=FLAGS)
 
 
 def main(argv) -> int:

@@ -193,6 +193,16 @@ def original_ids(path: str, n_users: int, n_items: int) -> Optional[Dict[str, An
 
 
 # ------------------------------------------------------------------------- command lines
+def define_run_flags(flag_values) -> None:
+  """--workdir, --data and --compilation_cache: what every after-training tool reads."""
+  flags.DEFINE_string("workdir", None, "Run folder of a finished `python run.py` run.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("data", None, "Data folder, if it moved since training (default: the "
+                      "path in <workdir>/metrics.json).", flag_values=flag_values)
+  flags.DEFINE_string("compilation_cache", "", "As run.py's: '' = the default cache, "
+                      "'none' = off.", flag_values=flag_values)
+
+
 def parse_flags(flag_values, argv, doc: str, required=("workdir",)) -> bool:
   """Parses a tool's own absl FlagValues; False after printing --help. A bad or missing
   flag is one `error:` line and exit status 1 (SystemExit). Every call starts from the

@@ -71,3 +71,17 @@ def tiny_config(path, model="lightgcn", alignment="none", config=None):
   config.fettle.prototypes_item = 16
   config.fettle.prototypes_user = 16
   return config
+
+
+def assert_sane_run(result, n_epochs: int, aligned: bool) -> None:
+  """A finished tiny run: every epoch ran, every loss is finite, an alignment plug-in
+  contributed a non-zero loss, every metric lies in [0, 1]."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  assert result["epochs"] == n_epochs
+  for record in result["history"]:
+    assert all(np.isfinite(v) for k, v in record.items() if "loss" in k), record
+    if aligned:
+      assert record["alignment_loss"] != 0, record
+  for split in ("valid", "test"):
+    for name, value in result[split].items():
+      assert 0.0 <= value <= 1.0, (split, name, value)

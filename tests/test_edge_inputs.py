@@ -1,7 +1,6 @@
 """Edge inputs that are valid train; hostile ones are refused cheaply (one line, bounded)."""
 
 import os
-import resource
 import subprocess
 import sys
 import time

@@ -12,7 +12,7 @@ from fettle_jax import train
 from fettle_jax.backbones import slmrec
 from fettle_jax.errors import ConfigError
 from fettle_jax.types import Batch, DataInfo
-from tests.conftest import tiny_config
+from tests.conftest import assert_sane_run, tiny_config
 
 N_USERS, N_ITEMS, SIZE = 12, 9, 4
 
@@ -263,10 +263,4 @@ def test_tiny_end_to_end_run(tiny_mmrec, tmp_path, alignment):
   config = tiny_config(tiny_mmrec, model="slmrec", alignment=alignment)
   config.max_epochs, config.slmrec.n_layers = 2, 1  # small program: the tests stay fast
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert result["epochs"] == 2
-  for record in result["history"]:
-    assert all(np.isfinite(v) for k, v in record.items() if "loss" in k)
-    assert record["alignment_loss"] > 0
-  for split in ("valid", "test"):
-    for name, value in result[split].items():
-      assert 0.0 <= value <= 1.0, name
+  assert_sane_run(result, n_epochs=2, aligned=True)
