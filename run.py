@@ -46,8 +46,11 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
 
 
 # XLA's coordination service aborts a process whose peer stopped (a multi-line fatal log
-# from C++, which Python cannot catch); the supervisor below turns it into one line.
-PEER_LOST_MARKER = "the JAX distributed service detected fatal errors"
+# from C++, which Python cannot catch); the supervisor below turns it into one line. Which
+# part notices first depends on timing: the heartbeat (coordination service), or a CPU
+# collective whose socket to the dead peer closed (gloo, which may abort the process).
+PEER_LOST_MARKERS = ("the JAX distributed service detected fatal errors", "gloo::",
+                     "Connection closed by peer", "Connection reset by peer")
 SUPERVISED_ENV = "FETTLE_JAX_SUPERVISED"
 
 
@@ -69,7 +72,7 @@ def supervise() -> int:
     signal.signal(sig, lambda number, _: child.send_signal(number))
   peer_lost, held = False, []
   for line in child.stderr:
-    peer_lost = peer_lost or PEER_LOST_MARKER in line
+    peer_lost = peer_lost or any(marker in line for marker in PEER_LOST_MARKERS)
     # A lost peer shows as a failed collective's traceback and XLA's coordination errors,
     # then the fatal marker: hold those back until it is clear which it is.
     if held or line.startswith("Traceback") or "coordination" in line.lower():

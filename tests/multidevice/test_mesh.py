@@ -59,7 +59,8 @@ def test_meshes_match_one_device(tiny_mmrec, model, meshes):
     ("sgl", "none"), ("directau", "none"), ("ncl", "none"), ("grcn", "none"),
     ("dualgnn", "none"), ("slmrec", "none"), ("lattice", "none")])
 def test_later_backbones_on_2x4_match_one_device(tiny_mmrec, model, alignment):
-  """The backbones added after the mesh (CF contrastive and multi-modal): 2 epochs."""
+  """The backbones added after the mesh (CF contrastive and multi-modal): 2 epochs (the
+  second runs every epoch hook on state the first produced)."""
   base = train_epochs(mesh_config(tiny_mmrec, model, alignment, (1, 1)), 2)
   _, losses, metrics, _ = train_epochs(mesh_config(tiny_mmrec, model, alignment, (2, 4)), 2)
   np.testing.assert_allclose(losses, base[1], rtol=1e-5, atol=1e-6)

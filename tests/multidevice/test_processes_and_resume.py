@@ -107,7 +107,7 @@ def test_a_dead_process_ends_the_other_with_one_error_line(tiny_mmrec, tmp_path)
       break
   processes[1].kill()  # its training child dies with it
   _, stderr = processes[0].communicate(timeout=120)
-  assert processes[0].returncode == 1
+  assert processes[0].returncode == 1, stderr[-3000:]
   lines = [l for l in stderr.splitlines() if l.strip() and not l.startswith(("W", "I", "["))]
   assert lines == ["error: process 0: another process of the multi-process run stopped (no "
                    "heartbeat within 5 s); rerun every process with the same --workdir to "
