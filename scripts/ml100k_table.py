@@ -32,12 +32,15 @@ from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import base  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
 _OUT = flags.DEFINE_string("out", "runs/ml100k_table",
                            "Folder for runs, tuning_*.md and table_*.md.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per table cell.")
-_BACKBONES = flags.DEFINE_list("backbones", ["bpr", "lightgcn", "vbpr", "freedom"], "Backbones.")
+_BACKBONES = flags.DEFINE_list(
+    "backbones", base.backbone_names(),
+    "Backbones (each needs configs/<name>_ml100k.py); default: every one in fettle_jax/backbones/.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 1000, "Upper bound on epochs per table run.")
 _TUNE_MAX_EPOCHS = flags.DEFINE_integer("tune_max_epochs", 100, "Epoch cap of tuning runs.")
 _TUNE = flags.DEFINE_bool("tune", True, "Tune FETTLE; False uses the paper's best setting.")
