@@ -43,6 +43,14 @@ def csr_matrix(graph: Graph, n_nodes: int) -> sparse.BCSR:
   return sparse.BCSR((graph.weights, graph.senders, indptr), shape=(n_nodes, n_nodes))
 
 
+def row_dot(a: Array, b: Array) -> Array:
+  """sum(a * b, axis=-1) for [n, d] rows: the product, then a matrix-vector product with
+  ones. XLA's CPU backend fuses gathers + multiply + row reduction into one loop that runs
+  ~10x slower than this unfused form (160k edges x 64: 155 ms vs 15 ms, 2-core CPU,
+  2026-12-01); on accelerators the two forms cost the same."""
+  return (a * b) @ jnp.ones((a.shape[-1],), a.dtype)
+
+
 TINY_DEGREE = 1e-12  # rsqrt's argument floor: finite gradients where a row's degree is 0
 ROW_BLOCK_CHUNK = 1 << 16  # edges per step of a device's loop: memory O(chunk * d), not O(E * d)
 

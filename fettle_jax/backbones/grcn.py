@@ -187,7 +187,7 @@ def weighted_propagate(edges: EdgeList, weights: Array, x: Array) -> Array:
   def backward(residuals, cotangent):
     w, v = residuals
     grad_v = _product(edges.t_senders, edges.t_receivers, w[edges.order], cotangent)
-    grad_w = jnp.sum(_rows(cotangent, edges.receivers) * _rows(v, edges.senders), axis=-1)
+    grad_w = graphs.row_dot(_rows(cotangent, edges.receivers), _rows(v, edges.senders))
     return grad_w, grad_v
 
   run.defvjp(lambda w, v: (run(w, v), (w, v)), backward)
@@ -200,7 +200,7 @@ def edge_dot(edges: EdgeList, x: Array) -> Array:
 
   @jax.custom_vjp
   def run(v):
-    return jnp.sum(_rows(v, edges.receivers) * _rows(v, edges.senders), axis=-1)
+    return graphs.row_dot(_rows(v, edges.receivers), _rows(v, edges.senders))
 
   def backward(v, cotangent):
     return (_product(edges.senders, edges.receivers, cotangent, v)
