@@ -10,8 +10,11 @@
    Writes `tuning_<backbones>.md`.
 2. Table: every (backbone, variant, seed) cell trained to early stop with
    `train_and_evaluate`; +FETTLE uses the tuned values, the Table 3 ablation on FREEDOM
-   the paper's best setting. Writes `table_<backbones>.md`: test Recall@20 / NDCG@20 as
-   mean +- std over seeds, each at the best *validation* epoch.
+   the paper's best setting. Writes `table_<backbones>.md`: test Recall@10/20 and
+   NDCG@10/20 (the paper's Table 2 metrics) as mean +- std over seeds, each at the best
+   *validation* epoch, each row's Delta Imp. (R@20 over vanilla, %) and the paper's
+   "Avg Delta Imp." rows over the backbones with every seed of all three variants; and
+   `table_<backbones>.csv`, every metric's mean and std per cell.
 
 Every run lives in its own folder under --out, named by its settings; a finished run is
 reused, so the script resumes where it stopped. Several processes may share one --out:
@@ -81,7 +84,9 @@ ABLATION = [
      "paper"),
     ("+ILA&CLA&DT", "FETTLE", "fettle", {}, "paper"),
 ]
-METRICS = ("recall@20", "ndcg@20")
+# The paper's Table 2 metrics, in its column order.
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+METRIC_LABELS = {"recall@10": "R@10", "recall@20": "R@20", "ndcg@10": "N@10", "ndcg@20": "N@20"}
 
 
 def setting_tag(setting):
@@ -170,7 +175,7 @@ def main(argv):
                   f"validation Recall@20, runs capped at {_TUNE_MAX_EPOCHS.value} epochs.", "",
                   "| backbone | coordinate | setting | valid R@20 | best epoch |",
                   "| --- | --- | --- | --- | --- |"]
-  rows = []
+  rows, cells = [], {}  # cells[(backbone, label)] = [metrics.json of each seed]
   for backbone in _BACKBONES.value:
     setting = tune(backbone, tuning_lines) if _TUNE.value else dict(PAPER_BEST)
     if _TUNE.value:
@@ -186,13 +191,71 @@ def main(argv):
                      dict(fettle_setting, **switches), int(seed), _MAX_EPOCHS.value)
                  for seed in _SEEDS.value]
       results = [r for r in results if r is not None]
-      rows.append(f"| {backbone} | {label} | {tag or '-'} | {len(results)} | "
-                  + " | ".join(mean_std([r["test"][m] for r in results]) for m in METRICS)
-                  + f" | {mean_std([r['valid']['recall@20'] for r in results])} | "
-                  f"{mean_std([r['best_epoch'] for r in results], digits=0)} |")
-  write(f"table_{'_'.join(_BACKBONES.value)}.md",
-        ["| backbone | variant | FETTLE setting | seeds | test R@20 | test N@20 | valid R@20 "
-         "| best epoch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"] + rows)
+      cells[(backbone, label)] = results
+      rows.append((backbone, label, tag or "-", results))
+  stem = f"table_{'_'.join(_BACKBONES.value)}"
+  write(f"{stem}.md", table_lines(rows, cells))
+  write(f"{stem}.csv", csv_lines(rows))
+
+
+def test_means(results):
+  return {m: statistics.mean(r["test"][m] for r in results) for m in METRICS}
+
+
+def improvement(cells, backbone, label):
+  """Delta Imp. of the paper's Table 2: 100 (mean - vanilla mean) / vanilla mean per metric;
+  None unless both cells have every seed's result."""
+  base, other = cells.get((backbone, "vanilla")), cells.get((backbone, label))
+  if not base or not other or len(base) != len(_SEEDS.value) or len(other) != len(base):
+    return None
+  base, other = test_means(base), test_means(other)
+  return {m: 100.0 * (other[m] - base[m]) / base[m] for m in METRICS}
+
+
+def table_lines(rows, cells):
+  """Markdown: test metrics mean +- std over seeds (at the best valid epoch), the
+  improvement over vanilla per row, and the paper's 'Avg Delta Imp.' rows over backbones."""
+  metric_cols = " | ".join(f"test {METRIC_LABELS[m]}" for m in METRICS)
+  lines = [f"| backbone | variant | FETTLE setting | seeds | {metric_cols} | valid R@20 "
+           "| best epoch | Δ Imp. R@20 |",
+           "| --- | --- | --- | --- | " + "--- | " * len(METRICS) + "--- | --- | --- |"]
+  for backbone, label, tag, results in rows:
+    delta = improvement(cells, backbone, label) if label != "vanilla" else None
+    delta = "-" if delta is None else f"{delta['recall@20']:+.2f}%"
+    lines.append(
+        f"| {backbone} | {label} | {tag} | {len(results)} | "
+        + " | ".join(mean_std([r["test"][m] for r in results]) for m in METRICS)
+        + f" | {mean_std([r['valid']['recall@20'] for r in results])} | "
+        f"{mean_std([r['best_epoch'] for r in results], digits=0)} | "
+        f"{delta} |")
+  lines += ["", "| Avg Δ Imp. over backbones | backbones | "
+            + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+            "| --- | --- | " + "--- | " * len(METRICS)]
+  for label in [v[0] for v in VARIANTS[1:]]:
+    deltas = {b: improvement(cells, b, label) for b in _BACKBONES.value}
+    deltas = {b: d for b, d in deltas.items() if d is not None}
+    if deltas:
+      lines.append(f"| {label} | {len(deltas)} | " + " | ".join(
+          f"{statistics.mean(d[m] for d in deltas.values()):+.2f}%" for m in METRICS) + " |")
+  return lines
+
+
+def csv_lines(rows):
+  """One row per table cell: mean and std of every metric over its seeds."""
+  header = ["backbone", "variant", "fettle_setting", "seeds"]
+  for split in ("test", "valid"):
+    for m in METRICS:
+      header += [f"{split}_{m}_mean", f"{split}_{m}_std"]
+  lines = [",".join(header)]
+  for backbone, label, tag, results in rows:
+    values = [backbone, label, tag, str(len(results))]
+    for split in ("test", "valid"):
+      for m in METRICS:
+        xs = [r[split][m] for r in results]
+        std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        values += [f"{statistics.mean(xs):.6f}", f"{std:.6f}"] if xs else ["", ""]
+    lines.append(",".join(values))
+  return lines
 
 
 if __name__ == "__main__":

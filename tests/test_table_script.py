@@ -1,0 +1,48 @@
+"""scripts/ml100k_table.py's tabulation: Delta Imp. and the 'Avg Delta Imp.' rows."""
+
+import importlib.util
+import os
+
+from absl import flags
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                      "ml100k_table.py")
+
+
+@pytest.fixture(name="table")
+def fixture_table():
+  spec = importlib.util.spec_from_file_location("ml100k_table_under_test", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["ml100k_table", "--seeds=0,1", "--backbones=a,b"])
+  yield module
+  flags.FLAGS.unparse_flags()
+
+
+def metrics(value):
+  return {"test": {m: value for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")},
+          "valid": {m: value for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")},
+          "best_epoch": 10}
+
+
+def test_improvements_over_vanilla_and_their_average(table):
+  cells = {("a", "vanilla"): [metrics(0.10), metrics(0.10)],
+           ("a", "+BM3"): [metrics(0.09), metrics(0.09)],
+           ("a", "+FETTLE"): [metrics(0.11), metrics(0.13)],   # mean 0.12: +20%
+           ("b", "vanilla"): [metrics(0.20), metrics(0.20)],
+           ("b", "+BM3"): [metrics(0.20), metrics(0.20)],
+           ("b", "+FETTLE"): [metrics(0.22)]}                  # a seed missing: left out
+  assert table.improvement(cells, "a", "+FETTLE")["recall@20"] == pytest.approx(20.0)
+  assert table.improvement(cells, "a", "+BM3")["ndcg@10"] == pytest.approx(-10.0)
+  assert table.improvement(cells, "b", "+FETTLE") is None
+  rows = [(b, label, "-", cells[(b, label)]) for (b, label) in cells]
+  lines = table.table_lines(rows, cells)
+  assert "| +BM3 | 2 | -5.00% | -5.00% | -5.00% | -5.00% |" in lines  # mean of -10% and 0%
+  assert "| +FETTLE | 1 | +20.00% | +20.00% | +20.00% | +20.00% |" in lines
+  assert any(line.startswith("| a | +FETTLE | - | 2 | 0.1200 ± 0.0141 |") and
+             line.endswith("| +20.00% |") for line in lines)
+  csv = table.csv_lines(rows)
+  assert csv[0].startswith("backbone,variant,fettle_setting,seeds,test_recall@10_mean")
+  assert csv[3].startswith("a,+FETTLE,-,2,0.120000,0.014142,")
