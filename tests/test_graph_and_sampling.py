@@ -64,6 +64,32 @@ def test_propagate_gradient_is_the_transpose():
   chex.assert_trees_all_close(np.asarray(grad), dense.T @ np.asarray(probe), rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_propagate_on_device_transpose_matches_dense_gradients():
+  # A receiver-sorted graph with repeated (s, r) edges and senders that receive nothing, as
+  # LATTICE's learned item graph: values and both gradients equal the dense A x.
+  rng = np.random.default_rng(3)
+  n_nodes, width, dim = 7, 4, 3
+  senders = jnp.asarray(rng.integers(0, n_nodes, n_nodes * width), jnp.int32)
+  receivers = jnp.repeat(jnp.arange(n_nodes, dtype=jnp.int32), width)
+  weights = jnp.asarray(rng.random(n_nodes * width), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(n_nodes, dim)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(n_nodes, dim)), jnp.float32)
+
+  def dense(w, v):
+    matrix = jnp.zeros((n_nodes, n_nodes)).at[receivers, senders].add(w)
+    return matrix @ v
+
+  def sparse_product(w, v):
+    return graphs.weighted_propagate(graphs.transposed_edge_list(senders, receivers), w, v)
+
+  np.testing.assert_allclose(sparse_product(weights, x), dense(weights, x), rtol=1e-5,
+                             atol=1e-6)
+  got, expected = (jax.grad(lambda w, v, f=f: jnp.sum(f(w, v) * probe), argnums=(0, 1))(
+      weights, x) for f in (jax.jit(sparse_product), dense))
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 def test_bitmask_membership_and_rows():
   rng = np.random.default_rng(2)
   n_users, n_items = 13, 70  # not a multiple of 32

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from fettle_jax import graphs
 from fettle_jax import sampling
 from fettle_jax import train
 from fettle_jax.backbones import grcn
@@ -148,7 +149,7 @@ def test_custom_gradients_equal_autodiff_of_gathers_and_segment_sums():
     w = jnp.asarray(rng.random(edge_list.senders.shape[0]), jnp.float32)
     plain = lambda w, x, el=edge_list: jax.ops.segment_sum(
         w[:, None] * x[el.senders], el.receivers, num_segments=x.shape[0])
-    custom = lambda w, x, el=edge_list: grcn.weighted_propagate(el, w, x)
+    custom = lambda w, x, el=edge_list: graphs.weighted_propagate(el, w, x)
     np.testing.assert_allclose(custom(w, x), plain(w, x), rtol=1e-5, atol=1e-6)
     grads = [jax.grad(lambda w, x, f=f: jnp.sum(f(w, x) * probe), argnums=(0, 1))(w, x)
              for f in (custom, plain)]
@@ -156,9 +157,9 @@ def test_custom_gradients_equal_autodiff_of_gathers_and_segment_sums():
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     plain_dot = lambda x, el=edge_list: jnp.sum(x[el.receivers] * x[el.senders], axis=1)
     weights = jnp.asarray(rng.normal(size=edge_list.senders.shape[0]), jnp.float32)
-    np.testing.assert_allclose(grcn.edge_dot(edge_list, x), plain_dot(x), rtol=1e-6)
+    np.testing.assert_allclose(graphs.edge_dot(edge_list, x), plain_dot(x), rtol=1e-6)
     got, expected = (jax.grad(lambda x, f=f: jnp.sum(f(x) * weights))(x)
-                     for f in (lambda x: grcn.edge_dot(edge_list, x), plain_dot))
+                     for f in (lambda x: graphs.edge_dot(edge_list, x), plain_dot))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 

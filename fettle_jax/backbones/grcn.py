@@ -4,8 +4,8 @@ GRCN refines the user-item graph inside every forward pass, then convolves on th
 graph. Notation: U users, I items, M content modalities, L = config.embedding_size. Every
 step below works on the train graph's edge list (2|E| directed edges, sorted by receiver),
 never a dense user-item matrix: per-edge scores are row gathers, aggregations are CSR
-products, and so are their gradients (`weighted_propagate`, `edge_dot`: custom VJPs, since
-XLA's CPU scatter-add, the autodiff transpose of a gather, was the step's bottleneck).
+products, and so are their gradients (`graphs.weighted_propagate`, `graphs.edge_dot`:
+custom VJPs, since XLA's CPU scatter-add, the transpose of a gather, was the bottleneck).
 
 Graph refining layer (paper Sec 3.2), per modality m:
   prototypical network: f_i = normalize(leaky_relu(W_m x_i^m + b_m)), the item's content
@@ -60,7 +60,6 @@ import numpy as np
 from fettle_jax import graphs
 from fettle_jax import layers
 from fettle_jax import losses
-from fettle_jax import sharding
 from fettle_jax.errors import ConfigError
 from fettle_jax.types import Array, Batch, DataInfo, Representations
 
@@ -105,8 +104,6 @@ def check_config(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------- the edge list
-# Generic weighted-graph blocks (should move to graphs.py): products with edge weights that
-# are themselves differentiable, forward and backward both as CSR products + gathers.
 
 
 class BipartiteDirectedEdges(NamedTuple):
@@ -139,75 +136,16 @@ def bipartite_directed_edges(users: np.ndarray, items: np.ndarray, n_users: int,
       np.concatenate([items, items])[order], reverse)))
 
 
-class EdgeList(NamedTuple):
-  """A receiver-sorted edge list and its transpose: the same edges reversed, sorted by their
-  new receivers (the old senders); the transpose's edge k is the original edge order[k]."""
-  senders: Array
-  receivers: Array
-  t_senders: Array
-  t_receivers: Array
-  order: Array
-
-
 def edge_lists(edges: BipartiteDirectedEdges):
   """(to_users, full): the item -> user half (routing, affinities; its transpose is the
   user -> item half) and the whole directed list (convolutions; its own transpose)."""
   n_half = edges.senders.shape[0] // 2
   head, tail = slice(None, n_half), slice(n_half, None)
-  to_users = EdgeList(edges.senders[head], edges.receivers[head], edges.senders[tail],
+  to_users = graphs.EdgeList(edges.senders[head], edges.receivers[head], edges.senders[tail],
                       edges.receivers[tail], edges.reverse[tail])
-  full = EdgeList(edges.senders, edges.receivers, edges.senders, edges.receivers,
+  full = graphs.EdgeList(edges.senders, edges.receivers, edges.senders, edges.receivers,
                   edges.reverse)
   return to_users, full
-
-
-def _rows(x: Array, ids: Array) -> Array:
-  """x[ids] for ids known to be in range: XLA's CPU gather is ~5x faster without the
-  out-of-bounds handling of the default indexing mode."""
-  return x.at[ids].get(mode="promise_in_bounds")
-
-
-def _product(senders, receivers, weights, x):
-  """out[r] = sum_{(s, r)} w_sr x[s]: a CSR product (one device) or, under a model-parallel
-  mesh, graphs.propagate (gather + segment sum, which XLA partitions)."""
-  graph = graphs.Graph(senders, receivers, weights)
-  if sharding.model_axis_size() > 1:
-    return graphs.propagate(graph, x)
-  return graphs.csr_matrix(graph, x.shape[0]) @ x
-
-
-def weighted_propagate(edges: EdgeList, weights: Array, x: Array) -> Array:
-  """graphs.propagate with gradients for the weights too, without scatters: d/dx is the
-  transpose's CSR product, d/dw_e = g[r_e] . x[s_e] (two gathers)."""
-
-  @jax.custom_vjp
-  def run(w, v):
-    return _product(edges.senders, edges.receivers, w, v)
-
-  def backward(residuals, cotangent):
-    w, v = residuals
-    grad_v = _product(edges.t_senders, edges.t_receivers, w[edges.order], cotangent)
-    grad_w = graphs.row_dot(_rows(cotangent, edges.receivers), _rows(v, edges.senders))
-    return grad_w, grad_v
-
-  run.defvjp(lambda w, v: (run(w, v), (w, v)), backward)
-  return run(weights, x)
-
-
-def edge_dot(edges: EdgeList, x: Array) -> Array:
-  """x[r_e] . x[s_e] per edge; backward as two CSR products (the edge list and its
-  transpose carrying the cotangents), no scatter."""
-
-  @jax.custom_vjp
-  def run(v):
-    return graphs.row_dot(_rows(v, edges.receivers), _rows(v, edges.senders))
-
-  def backward(v, cotangent):
-    return (_product(edges.senders, edges.receivers, cotangent, v)
-            + _product(edges.t_senders, edges.t_receivers, cotangent[edges.order], v),)
-
-  run.defvjp(lambda v: (run(v), v), backward)
-  return run(x)
 
 
 def segment_normalized(values: Array, segments: Array, n_segments: int,
@@ -230,8 +168,8 @@ def route_preferences(preferences: Array, item_content: Array, edges: BipartiteD
   for _ in range(n_routing):
     nodes = jnp.concatenate([p, item_content], axis=0)
     # |p . f| <= 1 (unit vectors): exp cannot overflow, no max-shift needed.
-    r = segment_normalized(jnp.exp(edge_dot(to_users, nodes)), to_users.receivers, n_users)
-    p = losses.l2_normalize(p + weighted_propagate(to_users, r, nodes)[:n_users])
+    r = segment_normalized(jnp.exp(graphs.edge_dot(to_users, nodes)), to_users.receivers, n_users)
+    p = losses.l2_normalize(p + graphs.weighted_propagate(to_users, r, nodes)[:n_users])
   return p
 
 
@@ -241,7 +179,7 @@ def pruned_affinities(user_pref: Array, item_content: Array,
   the edge's receiver (module docstring); [2E], in `edges` order."""
   n_nodes = user_pref.shape[0] + item_content.shape[0]
   to_users, _ = edge_lists(edges)
-  kept = jax.nn.relu(edge_dot(to_users, jnp.concatenate([user_pref, item_content], axis=0)))
+  kept = jax.nn.relu(graphs.edge_dot(to_users, jnp.concatenate([user_pref, item_content], axis=0)))
   both = jnp.concatenate([kept, kept[to_users.order]])  # cos is symmetric: one per pair
   return segment_normalized(both, edges.receivers, n_nodes, _AFFINITY_TOTAL_FLOOR)
 
@@ -326,13 +264,13 @@ def _forward(params, static, config):
                                            params["item_embedding"]], axis=0))
   id_rep = h
   for _ in range(cfg.n_id_layers):
-    h = weighted_propagate(full, refined.weights, h)
+    h = graphs.weighted_propagate(full, refined.weights, h)
     id_rep = id_rep + h
   # Modality convolution: routed preferences and projected content, one layer each.
   modality_reps = {}
   for name in sorted(refined.affinities):
     z = jnp.concatenate([refined.preferences[name], refined.item_content[name]], axis=0)
-    modality_reps[name] = z + weighted_propagate(full, refined.affinities[name], z)
+    modality_reps[name] = z + graphs.weighted_propagate(full, refined.affinities[name], z)
   parts = [id_rep] + [modality_reps[name] for name in sorted(modality_reps)]
   if cfg.fusion == "concat":
     fused = jnp.concatenate(parts, axis=1)
