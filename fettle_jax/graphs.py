@@ -131,6 +131,13 @@ def transposed_edge_list(senders: Array, receivers: Array) -> EdgeList:
   return EdgeList(senders, receivers, receivers[order], senders[order], order)
 
 
+def propagate_csr(graph: Graph, x: Array) -> Array:
+  """propagate() as CSR products forward and backward (also for the weights): for any
+  receiver-sorted graph, symmetric or not. Costs one argsort of the E senders per call."""
+  edges = transposed_edge_list(graph.senders, graph.receivers)
+  return weighted_propagate(edges, graph.weights, x)
+
+
 TINY_DEGREE = 1e-12  # rsqrt's argument floor: finite gradients where a row's degree is 0
 ROW_BLOCK_CHUNK = 1 << 16  # edges per step of a device's loop: memory O(chunk * d), not O(E * d)
 

@@ -174,11 +174,8 @@ def represent(params, model_state, static, config) -> Representations:
   cfg = config.lattice
   graph, projected = item_item_graph(params, model_state, static, config)
   h = params["item_embedding"]
-  # The learned edges change every epoch: the transpose (for the backward product) is sorted
-  # on device; weighted_propagate differentiates the learned weights without scatters.
-  edges = graphs.transposed_edge_list(graph.senders, graph.receivers)
   for _ in range(cfg.n_layers):  # Eq. 8: h^(l) = A h^(l-1), the last layer kept
-    h = graphs.weighted_propagate(edges, graph.weights, h)
+    h = graphs.propagate_csr(graph, h)  # learned weights differentiated without scatters
   users, items = params["user_embedding"], params["item_embedding"]
   n_users = users.shape[0]
   final = graphs.mean_of_layers(static.graph["user_item"],  # LightGCN, x~_u and x~_i
