@@ -198,18 +198,18 @@ def main(argv):
   write(f"{stem}.csv", csv_lines(rows))
 
 
-def test_means(results):
+def mean_test_metrics(results):
   return {m: statistics.mean(r["test"][m] for r in results) for m in METRICS}
 
 
 def improvement(cells, backbone, label):
   """Delta Imp. of the paper's Table 2: 100 (mean - vanilla mean) / vanilla mean per metric;
   None unless both cells have every seed's result."""
-  base, other = cells.get((backbone, "vanilla")), cells.get((backbone, label))
-  if not base or not other or len(base) != len(_SEEDS.value) or len(other) != len(base):
+  vanilla, other = cells.get((backbone, "vanilla")), cells.get((backbone, label))
+  if not vanilla or not other or len(vanilla) != len(_SEEDS.value) or len(other) != len(vanilla):
     return None
-  base, other = test_means(base), test_means(other)
-  return {m: 100.0 * (other[m] - base[m]) / base[m] for m in METRICS}
+  vanilla, other = mean_test_metrics(vanilla), mean_test_metrics(other)
+  return {m: 100.0 * (other[m] - vanilla[m]) / vanilla[m] for m in METRICS}
 
 
 def table_lines(rows, cells):

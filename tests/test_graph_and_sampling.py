@@ -82,8 +82,8 @@ def test_weighted_propagate_on_device_transpose_matches_dense_gradients():
   def sparse_product(w, v):
     return graphs.weighted_propagate(graphs.transposed_edge_list(senders, receivers), w, v)
 
-  np.testing.assert_allclose(sparse_product(weights, x), dense(weights, x), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(sparse_product(weights, x), dense(weights, x),
+                             rtol=1e-5, atol=1e-6)
   got, expected = (jax.grad(lambda w, v, f=f: jnp.sum(f(w, v) * probe), argnums=(0, 1))(
       weights, x) for f in (jax.jit(sparse_product), dense))
   for g, e in zip(got, expected):

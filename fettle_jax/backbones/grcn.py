@@ -141,10 +141,10 @@ def edge_lists(edges: BipartiteDirectedEdges):
   user -> item half) and the whole directed list (convolutions; its own transpose)."""
   n_half = edges.senders.shape[0] // 2
   head, tail = slice(None, n_half), slice(n_half, None)
-  to_users = graphs.EdgeList(edges.senders[head], edges.receivers[head], edges.senders[tail],
-                      edges.receivers[tail], edges.reverse[tail])
+  to_users = graphs.EdgeList(edges.senders[head], edges.receivers[head],
+                             edges.senders[tail], edges.receivers[tail], edges.reverse[tail])
   full = graphs.EdgeList(edges.senders, edges.receivers, edges.senders, edges.receivers,
-                  edges.reverse)
+                         edges.reverse)
   return to_users, full
 
 
