@@ -49,6 +49,7 @@ def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
   config.topk = (5, 10, 20, 50)       # tuple[int]: cut-offs K of every reported metric
   config.eval_batch_size = 4096       # int: users ranked per compiled evaluation batch
   config.checkpoint_every_epochs = 5  # int: how often the resumable 'latest' checkpoint is written
+  config.grid_axis = ""               # str: set by fettle_jax/grid.py only: the named vmap axis of a grid's settings
 
   # Device mesh ('data' x 'model' devices; -1 = all remaining). Default: every device on
   # 'data' (pure data parallelism); 'model' > 1 splits tables, codebooks and items ranked.

@@ -119,18 +119,25 @@ def create_train_state(config: ml_collections.ConfigDict,
   static = StaticInputs(
       jnp.asarray(data.train), sampling.seen_items(data.train, data.n_users),
       {k: np.asarray(v, np.float32) for k, v in sorted(data.features.items())}, graph)
-  backbone_rng, alignment_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  params = {"backbone": backbone.init(backbone_rng, info, config),
-            "alignment": alignment.init(alignment_rng, info, config)}
-  model_state = backbone_contract.init_state(backbone, jax.random.fold_in(backbone_rng, 1),
-                                             static, info, config)
   optimizer = make_optimizer(config)
-  state = TrainState(params, optimizer.init(params), model_state)
+  state, train_rng = init_train_state(backbone, alignment, optimizer, static, info, config)
   layout = sharding.Layout(mesh, sharding.placement(state, sharding.STATE_RULES, mesh),
                            sharding.placement(static, sharding.STATIC_RULES, mesh))
   state, static = layout.state.place(state), layout.static.place(static)
   return Experiment(config, backbone, alignment, info, static, optimizer, state, train_rng,
                     layout)
+
+
+def init_train_state(backbone, alignment, optimizer, static: StaticInputs, info: DataInfo,
+                     config: ml_collections.ConfigDict):
+  """(initial TrainState, training rng) of `config.seed`: PRNGKey(seed) splits into
+  backbone init, alignment init and training."""
+  backbone_rng, alignment_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  params = {"backbone": backbone.init(backbone_rng, info, config),
+            "alignment": alignment.init(alignment_rng, info, config)}
+  model_state = backbone_contract.init_state(backbone, jax.random.fold_in(backbone_rng, 1),
+                                             static, info, config)
+  return TrainState(params, optimizer.init(params), model_state), train_rng
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -183,10 +190,9 @@ def make_train_step(backbone, alignment, config, optimizer, layout=None):
   return step
 
 
-def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, layout=None):
-  """Returns epoch(state, rng, static) -> (state, mean losses): the backbone's epoch hook,
-  then a lax.scan over the batches; one compiled program per run (per mesh). With a
-  `layout`, inputs and outputs keep its shardings and each batch is split over 'data'."""
+def train_epoch_fn(backbone, alignment, config, optimizer, info: DataInfo, layout=None):
+  """epoch(state, rng, static) -> (state, mean losses), not yet compiled: the backbone's
+  epoch hook, then a lax.scan over the batches (fettle_jax/grid.py vmaps it)."""
   step = make_train_step(backbone, alignment, config, optimizer, layout)
 
   def scan_body(carry, xs):
@@ -195,7 +201,6 @@ def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, lay
     state, losses = step(state, static, batch, jax.random.fold_in(rng, index))
     return (state, static, rng), losses
 
-  @chex.assert_max_traces(n=1)
   def epoch(state: TrainState, rng, static: StaticInputs):
     if layout is not None:
       static = layout.static.logical(static)
@@ -215,6 +220,15 @@ def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, lay
                                          (batches, jnp.arange(n_batch)))
     return state, jnp.mean(losses, axis=0)
 
+  return epoch
+
+
+def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, layout=None):
+  """Returns epoch(state, rng, static) -> (state, mean losses), jitted: one compiled
+  program per run (per mesh). With a `layout`, inputs and outputs keep its shardings and
+  each batch is split over 'data'."""
+  epoch = chex.assert_max_traces(n=1)(
+      train_epoch_fn(backbone, alignment, config, optimizer, info, layout))
   if layout is None:
     return jax.jit(epoch, donate_argnums=0)
   replicated = layout.replicated()
@@ -224,13 +238,13 @@ def make_train_epoch(backbone, alignment, config, optimizer, info: DataInfo, lay
                             out_shardings=(layout.state.shardings, replicated)), layout.mesh)
 
 
-def make_evaluate(backbone, config, layout=None):
-  """Returns evaluate(params, model_state, static, eval_data) -> {metric: [n_splits]}; with
-  a `layout` of model > 1, items are ranked where their rows live (exact two-stage top-k)."""
+def evaluate_fn(backbone, config, layout=None):
+  """evaluate(params, model_state, static, eval_data) -> {metric: [n_splits]}, not yet
+  compiled; with a `layout` of model > 1, items are ranked where their rows live (exact
+  two-stage top-k)."""
   ks = tuple(config.topk)
   rank_mesh = layout.mesh if layout is not None and layout.model_size > 1 else None
 
-  @chex.assert_max_traces(n=1)
   def evaluate(params, model_state, static: StaticInputs, eval_data: evaluation.EvalData):
     if layout is not None:
       params = sharding.slice_to_shapes(params, layout.state.shapes.params)
@@ -239,6 +253,12 @@ def make_evaluate(backbone, config, layout=None):
     return evaluation.evaluate_embeddings(reps.users, reps.items, eval_data, ks,
                                           mesh=rank_mesh)
 
+  return evaluate
+
+
+def make_evaluate(backbone, config, layout=None):
+  """evaluate_fn, jitted (one compiled program per run)."""
+  evaluate = chex.assert_max_traces(n=1)(evaluate_fn(backbone, config, layout))
   if layout is None:
     return jax.jit(evaluate)
   return under_mesh(jax.jit(evaluate, out_shardings=layout.replicated()), layout.mesh)
@@ -394,9 +414,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       f"{layout.mesh.devices.size} {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} process(es)")
   eval_data = build_eval_data(data, config, layout)
-  data_facts = {"name": data.name, "path": data.path, "n_users": data.n_users,
-                "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
-                "n_test": len(data.test), "modalities": sorted(data.features)}
+  facts = data_facts(data)
   del data  # the host copies of the features: the device holds the one we train on
   epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
                               run.info, layout)
@@ -429,26 +447,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       metrics = jax.device_get(evaluate(state.params, state.model_state, run.static, eval_data))
       valid, test = split_metrics(metrics, 0), split_metrics(metrics, 1)
       eval_seconds = time.perf_counter() - start
-      improved = valid[selection] > loop["best_value"]
-      if improved:  # model selection looks at validation only
-        loop.update(best_epoch=epoch, best_value=valid[selection], bad_epochs=0,
-                    best_valid=valid, best_test=test)
+      improved, record = record_epoch(loop, epoch, losses, valid, test, selection,
+                                      train_seconds, eval_seconds, first_epoch)
+      if improved:
         checkpoints.save_best(epoch, state.params, state.model_state)
-      else:
-        loop["bad_epochs"] += 1
-      loop["epoch"] = epoch
-      record = {"epoch": epoch, "loss": float(losses[0] + losses[1]),
-                "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1]),
-                f"valid_{selection}": valid[selection]}
-      loop["history"].append(record)
       if history is not None:
-        history.append(dict(record, valid=valid, test=test, train_seconds=train_seconds,
-                            eval_seconds=eval_seconds))
-      if epoch > first_epoch:  # this process's first epoch includes compilation
-        loop["train_seconds"].append(train_seconds)
-        loop["eval_seconds"].append(eval_seconds)
-      else:
-        loop["first_epoch_seconds"] = train_seconds + eval_seconds
+        history.append(record)
       log(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
           f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
           f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s")
@@ -459,10 +463,49 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   finally:
     checkpoints.close()
 
-  result = {
+  result = run_result(loop, config, facts, layout)
+  if is_primary():
+    write_result(workdir, result)
+  log(final_line(loop))
+  return result
+
+
+def data_facts(data: dataset_lib.Dataset) -> dict:
+  return {"name": data.name, "path": data.path, "n_users": data.n_users,
+          "n_items": data.n_items, "n_train": len(data.train), "n_valid": len(data.valid),
+          "n_test": len(data.test), "modalities": sorted(data.features)}
+
+
+def record_epoch(loop: dict, epoch: int, losses, valid: dict, test: dict, selection: str,
+                 train_seconds: float, eval_seconds: float, first_epoch: int):
+  """Early-stopping bookkeeping of one finished epoch (model selection looks at validation
+  only); returns (improved, the epoch's history.jsonl record)."""
+  improved = valid[selection] > loop["best_value"]
+  if improved:
+    loop.update(best_epoch=epoch, best_value=valid[selection], bad_epochs=0,
+                best_valid=valid, best_test=test)
+  else:
+    loop["bad_epochs"] += 1
+  loop["epoch"] = epoch
+  record = {"epoch": epoch, "loss": float(losses[0] + losses[1]),
+            "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1]),
+            f"valid_{selection}": valid[selection]}
+  loop["history"].append(record)
+  if epoch > first_epoch:  # this process's first epoch includes compilation
+    loop["train_seconds"].append(train_seconds)
+    loop["eval_seconds"].append(eval_seconds)
+  else:
+    loop["first_epoch_seconds"] = train_seconds + eval_seconds
+  return improved, dict(record, valid=valid, test=test, train_seconds=train_seconds,
+                        eval_seconds=eval_seconds)
+
+
+def run_result(loop: dict, config, data_facts: dict, layout) -> dict:
+  """metrics.json's content: the best validation epoch's metrics and the run's facts."""
+  return {
       "best_epoch": loop["best_epoch"],
       "epochs": loop["epoch"],
-      "selection_metric": f"valid {selection}",
+      "selection_metric": f"valid {config.selection_metric}",
       "valid": loop["best_valid"],
       "test": loop["best_test"],
       # Medians over epochs after compilation (None if only one epoch ran).
@@ -476,12 +519,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       "history": loop["history"],
       "config": config.to_dict(),
   }
-  if is_primary():
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=2, default=str)
-    curves.save(workdir, result)  # learning_curves.{csv,png}; a failure is one printed note
+
+
+def write_result(workdir: str, result: dict) -> None:
+  """metrics.json and the learning curves next to it."""
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2, default=str)
+  curves.save(workdir, result)  # learning_curves.{csv,png}; a failure is one printed note
+
+
+def final_line(loop: dict) -> str:
   test = loop["best_test"]
-  log(f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
-      + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
-                 for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))
-  return result
+  return (f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
+          + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
+                     for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))

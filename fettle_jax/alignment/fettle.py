@@ -566,7 +566,7 @@ def bucket_prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
 
 
 def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
-                    cfg) -> Dict[str, Array]:
+                    cfg, grid_axis: str = "") -> Dict[str, Array]:
   """Every unweighted term, on the smallest static prefix of the unique-item buffer that
   holds every valid slot.
 
@@ -582,6 +582,10 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
   each term's gradient with respect to the inputs comes out of the switch, and the
   backward pass only scales them by the incoming cotangents. Exact, and each term keeps
   its own gradient (any cotangent on any term is honoured).
+
+  Under fettle_jax/grid.py's vmap over settings (`grid_axis` names its axis), a per-setting
+  branch index would turn the switch into a select that runs every branch; the branch is
+  chosen jointly instead: the smallest size that holds every setting's valid slots.
   """
   zero = jnp.zeros((), inputs.embeddings.dtype)
   enabled = enabled_terms(len(layout.names), cfg)
@@ -596,6 +600,8 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
   fits = ((n_items <= jnp.asarray([b.items for b in sizes]))
           & (n_users <= jnp.asarray([b.users for b in sizes])))
   chosen = jnp.argmax(fits)  # the first branch that holds every valid row (the last always does)
+  if grid_axis:
+    chosen = jax.lax.pmax(chosen, grid_axis)  # sizes grow with the index: fits all settings
 
   def run(branches, inputs, index):
     if len(branches) == 1:
@@ -728,7 +734,8 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   del rng  # FETTLE is deterministic given the batch
   cfg = config.fettle
   check_config(cfg)
-  terms = alignment_terms(*prepare_terms(params, reps, features, batch, cfg), cfg)
+  terms = alignment_terms(*prepare_terms(params, reps, features, batch, cfg), cfg,
+                          config.get("grid_axis", ""))
   total = (cfg.alpha * (terms["cla_ui"] + terms["cla_itv"])
            + cfg.beta * (terms["ila"] + terms["dt"]))
   return total, terms

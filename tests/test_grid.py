@@ -1,0 +1,170 @@
+"""fettle_jax/grid.py: settings trained side by side in one vmapped program equal the
+sequential runs of the same settings; per-setting early stopping; resume; one-line errors."""
+
+import functools
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from fettle_jax import grid
+from fettle_jax import train
+from fettle_jax.errors import ConfigError
+
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+def assert_same_run(got, want, atol):
+  assert (got["best_epoch"], got["epochs"]) == (want["best_epoch"], want["epochs"])
+  for key in ("loss", "valid_recall@20"):
+    np.testing.assert_allclose([h[key] for h in got["history"]],
+                               [h[key] for h in want["history"]], atol=atol, rtol=0)
+  for split in ("valid", "test"):
+    np.testing.assert_allclose([got[split][m] for m in METRICS],
+                               [want[split][m] for m in METRICS], atol=atol, rtol=0)
+
+
+def test_grid_equals_sequential_runs_and_stops_each_setting_on_its_own(tiny_mmrec, tmp_path):
+  # BM3 rather than FETTLE: the same contract at a fraction of the compile time; FETTLE's
+  # one grid-specific piece is tested below at the loss level.
+  config = tiny_config(tiny_mmrec, model="bpr", alignment="bm3")
+  config.max_epochs = 4
+  config.patience = 2
+  # Seeds, an alignment weight and the learning rate swept together; learning rate 0 never
+  # improves after epoch 1, so that setting stops at epoch 3 while another trains on.
+  settings = [{"seed": 0, "bm3.weight": 0.1, "learning_rate": 1e-2},
+              {"seed": 1, "bm3.weight": 1.0, "learning_rate": 1e-2},
+              {"seed": 0, "bm3.weight": 0.1, "learning_rate": 0.0}]
+  results = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  assert results[2]["epochs"] == 3 and max(r["epochs"] for r in results) == 4
+  for setting, got in zip(settings, results):
+    name = grid.setting_name(setting)
+    want = train.train_and_evaluate(grid.concrete_config(config, setting),
+                                    str(tmp_path / "sequential" / name))
+    assert_same_run(got, want, atol=1e-5)
+    folder = tmp_path / "grid" / name
+    with open(folder / "metrics.json") as f:
+      assert json.load(f)["config"]["learning_rate"] == setting["learning_rate"]
+    assert (folder / "history.jsonl").exists() and (folder / "learning_curves.csv").exists()
+    # The best checkpoint is the best epoch's parameters, as a single run's.
+    from fettle_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    best = checkpoint.Checkpoints(str(folder))
+    try:
+      assert best._best.latest_step() == got["best_epoch"]  # pylint: disable=protected-access
+    finally:
+      best.close()
+  assert results[0]["history"] != results[1]["history"]
+
+
+def test_fettle_under_the_grid_vmap_chooses_one_bucket_and_equals_each_setting(monkeypatch):
+  """Two settings whose batches hold different numbers of unique items: under the grid's
+  named vmap the prefix bucket is chosen jointly (a real `cond`, not a select that runs
+  every branch), and each setting's loss and gradients equal its own unvmapped ones."""
+  from test_alignment import make_config, make_problem  # pylint: disable=g-import-not-at-top
+  from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(fettle, "bucket_sizes", lambda capacity: [2, 5, 7, 9])
+  problems = [make_problem(seed=6), make_problem(seed=3)]
+  features = problems[0][2]
+  cfg = make_config()
+  params = [fettle.init(jax.random.PRNGKey(i), problems[0][0], cfg) for i in range(2)]
+
+  def loss(p, reps, batch, config):
+    return fettle.loss(p, reps, features, batch, None, config)[0]
+
+  each_fn = jax.jit(jax.value_and_grad(functools.partial(loss, config=cfg), argnums=(0, 1)))
+  each = [each_fn(params[i], problems[i][1], problems[i][3]) for i in range(2)]
+  stacked = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+  joint = cfg.copy_and_resolve_references()
+  joint.grid_axis = grid.GRID_AXIS
+  vmapped = jax.vmap(jax.value_and_grad(functools.partial(loss, config=joint), argnums=(0, 1)),
+                     axis_name=grid.GRID_AXIS)
+  args = (stacked(params), stacked([p[1] for p in problems]), stacked([p[3] for p in problems]))
+  together = jax.jit(vmapped)(*args)
+  for i in range(2):
+    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], together), each[i],
+                                atol=1e-5, rtol=1e-5)
+  assert "cond[" in str(jax.make_jaxpr(vmapped)(*args))
+
+
+def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, monkeypatch):
+  config = tiny_config(tiny_mmrec, model="bpr", alignment="bm3")
+  config.max_epochs = 4
+  config.checkpoint_every_epochs = 2
+  settings = grid.grid_settings({"learning_rate": (1e-2, 3e-2)}, seeds=(0,))
+  full = grid.train_grid(config, settings, str(tmp_path / "full"))
+
+  record_epoch = train.record_epoch
+
+  def killed_in_epoch_4(loop, epoch, *args):
+    if epoch == 4:
+      raise KeyboardInterrupt
+    return record_epoch(loop, epoch, *args)
+
+  monkeypatch.setattr(train, "record_epoch", killed_in_epoch_4)
+  with pytest.raises(KeyboardInterrupt):
+    grid.train_grid(config, settings, str(tmp_path / "resumed"))
+  assert not os.path.exists(tmp_path / "resumed" / grid.setting_name(settings[0]) /
+                            "metrics.json")
+  monkeypatch.setattr(train, "record_epoch", record_epoch)
+  resumed = grid.train_grid(config, settings, str(tmp_path / "resumed"))
+  for got, want in zip(resumed, full):
+    assert got["history"] == want["history"] and got["test"] == want["test"]
+  # A finished grid is reused, not retrained.
+  again = grid.train_grid(config, settings, str(tmp_path / "resumed"))
+  assert [r["history"] for r in again] == [r["history"] for r in resumed]
+
+
+def test_chunk_that_exhausts_memory_is_split(tiny_mmrec, tmp_path, monkeypatch):
+  config = tiny_config(tiny_mmrec, model="bpr")
+  settings = grid.grid_settings({}, seeds=(0, 1, 2))
+  chunks = []
+
+  def fake_chunk(run, keys, part, workdir, eval_data, facts):
+    chunks.append([s["seed"] for s in part])
+    if len(part) > 1:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes")
+    folder = os.path.join(workdir, grid.setting_name(part[0]))
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+      json.dump({"seed": part[0]["seed"]}, f)
+
+  monkeypatch.setattr(grid, "_train_chunk", fake_chunk)
+  results = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  assert chunks == [[0, 1, 2], [0, 1], [0], [1], [2]]
+  assert [r["seed"] for r in results] == [0, 1, 2]
+
+
+def test_grid_settings_and_names():
+  settings = grid.grid_settings({"fettle.beta": (1e-3, 1e-2), "fettle.alpha": (0.1,)}, (0, 1))
+  assert [grid.setting_name(s) for s in settings] == [
+      "seed0_alpha0.1_beta0.001", "seed0_alpha0.1_beta0.01",
+      "seed1_alpha0.1_beta0.001", "seed1_alpha0.1_beta0.01"]
+  assert grid.setting_name({"seed": 0, "fettle.alpha": 1.0, "bm3.alpha": 2.0}) == \
+      "seed0_bm3.alpha2_fettle.alpha1"
+  assert grid.parse_sweep("fettle.beta=1e-4, 1e-3") == ("fettle.beta", (1e-4, 1e-3))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ([{"seed": 0, "batch_size": 32.0}], "only float fields"),
+    ([{"seed": 0, "fettle.nope": 1.0}], "no field 'nope'"),
+    ([{"seed": 0, "nosection.beta": 1.0}], "no section 'nosection'"),
+    ([{"seed": 0, "fettle.beta": 1.0}, {"seed": 1}], "must set the same fields"),
+    ([{"seed": 0.5}], "seed must be an integer"),
+    ([{"seed": 0}, {"seed": 0}], "settings repeat"),
+    ([], "at least one setting"),
+])
+def test_bad_grid_is_one_clear_error(settings, message):
+  from configs import base  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=message):
+    grid.check_settings(base.get_config("bpr"), settings)
+
+
+@pytest.mark.parametrize("text", ["fettle.beta", "fettle.beta=", "=1,2", "fettle.beta=a,b"])
+def test_bad_sweep_flag_is_one_clear_error(text):
+  with pytest.raises(ConfigError, match="expected FIELD=V1,V2"):
+    grid.parse_sweep(text)
