@@ -4,6 +4,14 @@
 
 Writes `<workdir>/metrics.json` and Orbax checkpoints; rerunning with the same workdir
 resumes where a killed run stopped.
+
+A grid of settings (float fields x seeds) trains in one compiled program (fettle_jax/grid.py):
+
+  python run.py --config=configs/bpr_ml100k.py --config.alignment=fettle \
+      --sweep=fettle.alpha=1e-4,1e-3 --sweep=fettle.beta=1e-3,1e-2 --seeds=0,1,2
+
+Each setting gets its own folder under the workdir; a summary table (mean ± std over seeds,
+the best mean validation row marked) is printed and written to `<workdir>/grid.txt`.
 """
 
 import ctypes
@@ -20,7 +28,9 @@ from ml_collections import config_flags
 # Make `configs` importable when run from elsewhere (configs import each other).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from fettle_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
+from fettle_jax import grid  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -34,6 +44,14 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "(and shapes) loads its compiled programs instead of compiling. Default: "
     "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
     "'none' turns it off.")
+_SWEEP = flags.DEFINE_multi_string(
+    "sweep", [], "Grid: FIELD=V1,V2,... over a float config field (repeatable; the grid is "
+    "the cross product). With --sweep or --seeds, every setting trains side by side in one "
+    "compiled program, each in <workdir>/<setting name>/.")
+_SEEDS = flags.DEFINE_list("seeds", [], "Grid: seeds (default: config.seed).")
+_GRID_CHUNK = flags.DEFINE_integer(
+    "grid_chunk", None, "Grid: at most this many settings per compiled program (default: "
+    "all; a chunk that exhausts device memory is split in two automatically).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process run: HOST:PORT of process 0, the same on "
     "every process (with --num_processes and --process_id). Without it, a SLURM / Open MPI "
@@ -91,6 +109,24 @@ def supervise() -> int:
   return code if code >= 0 else 128 - code
 
 
+def run_grid(config, workdir: str) -> None:
+  """--sweep/--seeds: trains the grid and prints (and writes) its summary table."""
+  sweeps = dict(grid.parse_sweep(text) for text in _SWEEP.value)
+  if len(sweeps) != len(_SWEEP.value):
+    raise ConfigError(f"--sweep names a field twice: {_SWEEP.value}")
+  try:
+    seeds = [int(seed) for seed in _SEEDS.value] or [config.seed]
+  except ValueError:
+    raise ConfigError(f"--seeds={','.join(_SEEDS.value)}: expected integers, e.g. "
+                      "--seeds=0,1,2") from None
+  settings = grid.grid_settings(sweeps, seeds)
+  results = grid.train_grid(config, settings, workdir, _GRID_CHUNK.value)
+  lines = grid.summary_lines(settings, results, config.selection_metric)
+  with open(os.path.join(workdir, "grid.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -108,7 +144,10 @@ def main(argv):
     # Before anything touches a device: join the other processes of a multi-process run.
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
-    train.train_and_evaluate(config, workdir)
+    if _SWEEP.value or _SEEDS.value:
+      run_grid(config, workdir)
+    else:
+      train.train_and_evaluate(config, workdir)
   except REPORTED_ERRORS as e:  # input/environment: one line; bugs keep their traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -352,3 +352,37 @@ def _train_chunk(run, keys, settings, workdir, eval_data, facts):
           finish(i)
   finally:
     checkpoints.close()
+
+
+def summary_lines(settings: Sequence[Setting], results: Sequence[dict],
+                  selection_metric: str, test_metrics=("recall@20", "ndcg@20")) -> List[str]:
+  """The grid as a table: one row per hyper-parameter combination, its seeds' mean ± std of
+  the validation selection metric and of the test metrics at each seed's best validation
+  epoch. The row with the best mean validation value is marked '*' (model selection looks
+  at validation only)."""
+  keys = swept_keys(settings)
+  groups: Dict[tuple, List[dict]] = {}
+  for setting, result in zip(settings, results):
+    groups.setdefault(tuple(setting[k] for k in keys), []).append(result)
+
+  def mean_std(values):
+    return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+
+  rows, valid_means = [], []
+  for combination, group in groups.items():
+    valid = [r["valid"].get(selection_metric, float("nan")) for r in group]
+    valid_means.append(np.nanmean(valid) if np.any(np.isfinite(valid)) else -np.inf)
+    name = " ".join(f"{k}={v:g}" for k, v in zip(keys, combination)) or "(seeds)"
+    rows.append([name, str(len(group)), mean_std(valid)]
+                + [mean_std([r["test"].get(m, float("nan")) for r in group])
+                   for m in test_metrics]
+                + [f"{np.mean([r['best_epoch'] for r in group]):.0f}"])
+  best = int(np.argmax(valid_means))
+  header = (["setting", "seeds", f"valid {selection_metric}"]
+            + [f"test {m}" for m in test_metrics] + ["best epoch"])
+  widths = [max(len(row[c]) for row in rows + [header]) for c in range(len(header))]
+  lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+  for i, row in enumerate(rows):
+    lines.append((" | ".join(c.ljust(w) for c, w in zip(row, widths))
+                  + (" *" if i == best else "")).rstrip())
+  return lines

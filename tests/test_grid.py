@@ -168,3 +168,52 @@ def test_bad_grid_is_one_clear_error(settings, message):
 def test_bad_sweep_flag_is_one_clear_error(text):
   with pytest.raises(ConfigError, match="expected FIELD=V1,V2"):
     grid.parse_sweep(text)
+
+
+def fake_result(valid, test, best_epoch=3):
+  return {"valid": {"recall@20": valid}, "test": {"recall@20": test, "ndcg@20": test / 2},
+          "best_epoch": best_epoch}
+
+
+def test_summary_groups_seeds_and_marks_the_best_validation_row():
+  settings = grid.grid_settings({"fettle.beta": (1e-3, 1e-2)}, seeds=(0, 1))
+  # Seeds outermost: (seed0, 1e-3), (seed0, 1e-2), (seed1, 1e-3), (seed1, 1e-2). beta 1e-2
+  # has the better validation mean although its test is worse: validation decides.
+  results = [fake_result(0.10, 0.30), fake_result(0.20, 0.10),
+             fake_result(0.12, 0.32), fake_result(0.22, 0.12)]
+  header, low, high = grid.summary_lines(settings, results, "recall@20")
+  def cells(line):
+    return [cell.strip() for cell in line.split(" | ")]
+  assert cells(header)[:4] == ["setting", "seeds", "valid recall@20", "test recall@20"]
+  assert cells(low) == ["fettle.beta=0.001", "2", "0.1100 ± 0.0100", "0.3100 ± 0.0100",
+                        "0.1550 ± 0.0050", "3"]
+  assert high.startswith("fettle.beta=0.01 ") and high.endswith(" *")
+  assert not low.endswith("*")
+
+
+def test_run_py_sweep_and_seeds_train_one_grid_and_print_its_table(monkeypatch, capsys,
+                                                                   tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import run  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_train_grid(config, settings, workdir, chunk):
+    calls.append((settings, workdir, chunk))
+    return [fake_result(0.1 * (i + 1), 0.2) for i in range(len(settings))]
+
+  monkeypatch.setattr(run.grid, "train_grid", fake_train_grid)
+  flags.FLAGS(["run.py", "--sweep=bm3.weight=0.1,1", "--seeds=3,4", "--grid_chunk=2",
+               f"--workdir={tmp_path}", "--compilation_cache=none"])
+  try:
+    run.main(["run.py"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  settings, workdir, chunk = calls[0]
+  assert settings == [{"seed": 3, "bm3.weight": 0.1}, {"seed": 3, "bm3.weight": 1.0},
+                      {"seed": 4, "bm3.weight": 0.1}, {"seed": 4, "bm3.weight": 1.0}]
+  assert (workdir, chunk) == (str(tmp_path), 2)
+  printed = capsys.readouterr().out.strip().splitlines()
+  assert printed == (tmp_path / "grid.txt").read_text().strip().splitlines()
+  assert len(printed) == 3 and printed[2].startswith("bm3.weight=1 ") and printed[2].endswith("*")
