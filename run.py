@@ -8,7 +8,7 @@ resumes where a killed run stopped.
 A grid of settings (float fields x seeds) trains in one compiled program (fettle_jax/grid.py):
 
   python run.py --config=configs/bpr_ml100k.py --config.alignment=fettle \
-      --sweep=fettle.alpha=1e-4,1e-3 --sweep=fettle.beta=1e-3,1e-2 --seeds=0,1,2
+      --sweep=fettle.alpha=1e-4,1e-3 --sweep=fettle.beta=1e-3,1e-2 --grid_seeds=0,1,2
 
 Each setting gets its own folder under the workdir; a summary table (mean ± std over seeds,
 the best mean validation row marked) is printed and written to `<workdir>/grid.txt`.
@@ -46,9 +46,9 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "'none' turns it off.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "Grid: FIELD=V1,V2,... over a float config field (repeatable; the grid is "
-    "the cross product). With --sweep or --seeds, every setting trains side by side in one "
+    "the cross product). With --sweep or --grid_seeds, every setting trains side by side in one "
     "compiled program, each in <workdir>/<setting name>/.")
-_SEEDS = flags.DEFINE_list("seeds", [], "Grid: seeds (default: config.seed).")
+_GRID_SEEDS = flags.DEFINE_list("grid_seeds", [], "Grid: seeds (default: config.seed).")
 _GRID_CHUNK = flags.DEFINE_integer(
     "grid_chunk", None, "Grid: at most this many settings per compiled program (default: "
     "all; a chunk that exhausts device memory is split in two automatically).")
@@ -110,15 +110,15 @@ def supervise() -> int:
 
 
 def run_grid(config, workdir: str) -> None:
-  """--sweep/--seeds: trains the grid and prints (and writes) its summary table."""
+  """--sweep/--grid_seeds: trains the grid and prints (and writes) its summary table."""
   sweeps = dict(grid.parse_sweep(text) for text in _SWEEP.value)
   if len(sweeps) != len(_SWEEP.value):
     raise ConfigError(f"--sweep names a field twice: {_SWEEP.value}")
   try:
-    seeds = [int(seed) for seed in _SEEDS.value] or [config.seed]
+    seeds = [int(seed) for seed in _GRID_SEEDS.value] or [config.seed]
   except ValueError:
-    raise ConfigError(f"--seeds={','.join(_SEEDS.value)}: expected integers, e.g. "
-                      "--seeds=0,1,2") from None
+    raise ConfigError(f"--grid_seeds={','.join(_GRID_SEEDS.value)}: expected integers, e.g. "
+                      "--grid_seeds=0,1,2") from None
   settings = grid.grid_settings(sweeps, seeds)
   results = grid.train_grid(config, settings, workdir, _GRID_CHUNK.value)
   lines = grid.summary_lines(settings, results, config.selection_metric)
@@ -144,7 +144,7 @@ def main(argv):
     # Before anything touches a device: join the other processes of a multi-process run.
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
-    if _SWEEP.value or _SEEDS.value:
+    if _SWEEP.value or _GRID_SEEDS.value:
       run_grid(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)

@@ -4,7 +4,7 @@
 
 Add `--config.alignment=fettle` (or bm3) for the aligned variant.
 Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
-scripts/ml100k_table.py.
+scripts/experiments.py.
 """
 
 from configs import base
@@ -13,7 +13,7 @@ from configs import base
 def get_config():
   config = base.get_config("bpr")
   config = base.use_ml100k(config)
-  # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
+  # FETTLE setting tuned on validation by scripts/experiments.py (RESULTS.md).
   config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.2,
                        temperature_cluster=0.1)
   return config

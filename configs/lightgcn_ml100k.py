@@ -4,7 +4,7 @@
 
 Add `--config.alignment=fettle` (or bm3) for the aligned variant.
 Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
-scripts/ml100k_table.py.
+scripts/experiments.py.
 """
 
 from configs import base
@@ -16,7 +16,7 @@ def get_config():
   # On ml100k, LightGCN's valid Recall@20 stalls from epoch ~20 to ~70 before rising again
   # (seen on validation with patience 20: seeds stopped at epochs 18-52, one ran to 263).
   config.patience = 50
-  # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
+  # FETTLE setting tuned on validation by scripts/experiments.py (RESULTS.md).
   config.fettle.update(beta=0.01, alpha=0.0001, temperature_feedback=0.2,
                        temperature_cluster=0.05)
   return config

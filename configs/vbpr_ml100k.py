@@ -3,7 +3,7 @@
   python run.py --config=configs/vbpr_ml100k.py [--config.alignment=fettle|bm3]
 
 Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
-scripts/ml100k_table.py.
+scripts/experiments.py.
 """
 
 from configs import base
@@ -14,7 +14,7 @@ def get_config():
   config = vbpr_baby.get_config()
   config.data.path = ""
   config = base.use_ml100k(config)
-  # FETTLE setting tuned on validation by scripts/ml100k_table.py (RESULTS.md).
+  # FETTLE setting tuned on validation by scripts/experiments.py (RESULTS.md).
   config.fettle.update(beta=0.0001, alpha=0.01, temperature_feedback=0.1,
                        temperature_cluster=0.05)
   return config

@@ -1,22 +1,31 @@
-"""scripts/ml100k_table.py's tabulation: Delta Imp. and the 'Avg Delta Imp.' rows."""
+"""scripts/experiments.py's tabulation: Delta Imp. and the 'Avg Delta Imp.' rows."""
 
 import importlib.util
 import os
+import sys
 
 from absl import flags
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                      "ml100k_table.py")
+                      "experiments.py")
+
+
+def load_script():
+  """The script as a module, loaded once per process (its flags are defined once)."""
+  if "experiments_under_test" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("experiments_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["experiments_under_test"] = module
+  return sys.modules["experiments_under_test"]
 
 
 @pytest.fixture(name="table")
 def fixture_table():
-  spec = importlib.util.spec_from_file_location("ml100k_table_under_test", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_script()
   flags.FLAGS.unparse_flags()
-  flags.FLAGS(["ml100k_table", "--seeds=0,1", "--backbones=a,b"])
+  flags.FLAGS(["experiments", "--seeds=0,1", "--backbones=a,b"])
   yield module
   flags.FLAGS.unparse_flags()
 
@@ -46,3 +55,19 @@ def test_improvements_over_vanilla_and_their_average(table):
   csv = table.csv_lines(rows)
   assert csv[0].startswith("backbone,variant,fettle_setting,seeds,test_recall@10_mean")
   assert csv[3].startswith("a,+FETTLE,-,2,0.120000,0.014142,")
+
+
+def test_configs_come_from_the_config_set_and_point_at_the_data_folder(table):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["experiments", "--configs=baby", "--data=/some/mmrec/folder"])
+  config = table.experiment_config("lightgcn")
+  assert (config.data.path, config.data.prepare) == ("/some/mmrec/folder", "")
+  assert config.model == "lightgcn"
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["experiments"])
+  config = table.experiment_config("bpr")  # ml100k: the embedded data set, prepared
+  assert config.data.prepare == "ml100k"
+  with pytest.raises(table.app.UsageError, match="no config configs/bpr_nowhere.py"):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["experiments", "--configs=nowhere"])
+    table.experiment_config("bpr")

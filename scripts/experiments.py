@@ -1,6 +1,13 @@
-"""Table 2/3-style comparison on the embedded ml100k data set, produced end to end.
+"""The paper's Table 2 and Table 3 on any data set, end to end (tuned, trained, tabulated).
 
-  python scripts/ml100k_table.py --out=runs/ml100k_table [--seeds=0,1,2] [--backbones=...]
+  python scripts/experiments.py --out=runs/ml100k_table [--seeds=0,1,2] [--backbones=...]
+  python scripts/experiments.py --out=runs/baby_table --data=DIR --configs=baby \
+      [--ablation=freedom,lightgcn]
+
+Data: the embedded ml100k (default) or `--data=DIR`, any folder the loaders read (MMRec
+`<name>.inter` + features, or the LATTICE JSON split). Each run starts from
+`configs/<backbone>_<--configs>.py` (ml100k: codebooks scaled to the data; baby: the paper's
+settings), pointed at --data when given.
 
 1. Tuning (validation only, seed 0): for each backbone, a coordinate search over the
    paper's grids (Sec 4.1), starting at the paper's best FREEDOM/Baby setting (Sec 4.6):
@@ -8,8 +15,9 @@
    value with the best validation Recall@20 (--tune_coordinates visits a subset). Tuning
    runs stop at --tune_max_epochs.
    Writes `tuning_<backbones>.md`.
-2. Table: every (backbone, variant, seed) cell trained to early stop with
-   `train_and_evaluate`; +FETTLE uses the tuned values, the Table 3 ablation on FREEDOM
+2. Table 2: every (backbone, variant, seed) cell trained to early stop with
+   `train_and_evaluate`; +FETTLE uses the tuned values. Table 3, the ablation (+ILA, +CLA,
+   +ILA&CLA, +ILA&CLA&DT), on each --ablation backbone that is also in --backbones, at
    the paper's best setting. Writes `table_<backbones>.md`: test Recall@10/20 and
    NDCG@10/20 (the paper's Table 2 metrics) as mean +- std over seeds, each at the best
    *validation* epoch, each row's Delta Imp. (R@20 over vanilla, %) and the paper's
@@ -33,7 +41,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from configs import base  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
@@ -43,7 +52,13 @@ _OUT = flags.DEFINE_string("out", "runs/ml100k_table",
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per table cell.")
 _BACKBONES = flags.DEFINE_list(
     "backbones", base.backbone_names(),
-    "Backbones (each needs configs/<name>_ml100k.py); default: every one in fettle_jax/backbones/.")
+    "Backbones (each needs configs/<name>_<--configs>.py); default: every one in "
+    "fettle_jax/backbones/.")
+_DATA = flags.DEFINE_string("data", "", "Data folder (MMRec or LATTICE format); default: "
+                            "what the configs name (ml100k: the embedded data set).")
+_CONFIGS = flags.DEFINE_string("configs", "ml100k", "Config set: configs/<backbone>_<this>.py.")
+_ABLATION = flags.DEFINE_list("ablation", ["freedom"], "Backbones that get the Table 3 "
+                              "ablation rows (those also in --backbones).")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 1000, "Upper bound on epochs per table run.")
 _TUNE_MAX_EPOCHS = flags.DEFINE_integer("tune_max_epochs", 100, "Epoch cap of tuning runs.")
 _TUNE = flags.DEFINE_bool("tune", True, "Tune FETTLE; False uses the paper's best setting.")
@@ -75,8 +90,8 @@ VARIANTS = [
     ("+BM3", "BM3", "bm3", {}, None),
     ("+FETTLE", "FETTLE", "fettle", {}, "tuned"),
 ]
-# Table 3 on FREEDOM, at the paper's best setting: the paper ablates one fixed setting, and
-# one session's CPU budget cannot re-run the ablation at each backbone's tuned setting.
+# Table 3 (by default on FREEDOM), at the paper's best setting: the paper ablates one fixed
+# setting, and a CPU budget cannot re-run the ablation at each backbone's tuned setting.
 ABLATION = [
     ("+ILA", "ILA", "fettle", {"use_ila": True, "use_cla": False, "use_dt": False}, "paper"),
     ("+CLA", "CLA", "fettle", {"use_ila": False, "use_cla": True, "use_dt": False}, "paper"),
@@ -107,6 +122,18 @@ def claim(workdir):
   return True
 
 
+def experiment_config(backbone):
+  """configs/<backbone>_<--configs>.py, pointed at --data when given."""
+  name = f"{backbone}_{_CONFIGS.value}"
+  if not os.path.exists(os.path.join(ROOT, "configs", f"{name}.py")):
+    raise app.UsageError(f"no config configs/{name}.py for backbone {backbone!r} "
+                         f"(--configs={_CONFIGS.value})")
+  config = importlib.import_module(f"configs.{name}").get_config()
+  if _DATA.value:
+    config.data.path, config.data.prepare = _DATA.value, ""
+  return config
+
+
 def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs, wait=False):
   """Trains one run unless its metrics.json exists; returns the metrics (None if absent).
 
@@ -119,7 +146,7 @@ def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs, wait=F
   if not os.path.exists(metrics_file):
     if _ONLY_TABLE.value or not claim(workdir):
       return None
-    config = importlib.import_module(f"configs.{backbone}_ml100k").get_config()
+    config = experiment_config(backbone)
     config.alignment = alignment
     config.seed = seed
     config.max_epochs = max_epochs
@@ -171,6 +198,8 @@ def main(argv):
   unknown = sorted(set(_TUNE_COORDINATES.value) - set(GRID))
   if unknown:
     raise app.UsageError(f"--tune_coordinates: unknown {unknown}; known: {sorted(GRID)}")
+  for backbone in _BACKBONES.value:
+    experiment_config(backbone)  # a missing config file fails now, not hours in
   tuning_lines = [f"Coordinate search over {', '.join(_TUNE_COORDINATES.value)}, seed 0, "
                   f"validation Recall@20, runs capped at {_TUNE_MAX_EPOCHS.value} epochs.", "",
                   "| backbone | coordinate | setting | valid R@20 | best epoch |",
@@ -180,7 +209,7 @@ def main(argv):
     setting = tune(backbone, tuning_lines) if _TUNE.value else dict(PAPER_BEST)
     if _TUNE.value:
       write(f"tuning_{'_'.join(_BACKBONES.value)}.md", tuning_lines)
-    variants = VARIANTS + (ABLATION if backbone == "freedom" else [])
+    variants = VARIANTS + (ABLATION if backbone in _ABLATION.value else [])
     for label, stem, alignment, switches, setting_source in variants:
       fettle_setting = {"tuned": setting, "paper": PAPER_BEST, None: {}}[setting_source]
       if fettle_setting is None:
