@@ -203,3 +203,25 @@ def test_learning_curves_png_and_csv(trained, tmp_path, capsys):
   curves.save(str(tmp_path / "no" / "such" / "dir"), trained["result"])
   out = capsys.readouterr().out.strip().splitlines()
   assert len(out) == 1 and out[0].startswith("note: learning curves not written")
+
+
+def test_fig1_false_positives_of_a_finished_run(trained, run, tmp_path, capsys):
+  from fettle_jax import figures  # pylint: disable=g-import-not-at-top
+  from tests.test_figures import load_script  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "figs"
+  assert load_script().main(["figures.py", "fig1", f"--runs=A={trained['workdir']}",
+                             f"--out={out}"]) == 0
+  with open(out / "fig1.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["reference"] for r in rows] == ["content features", "own modality embeddings"]
+  # The content-feature reference: the same count as the library on the data's features
+  # and the best checkpoint's items (FREEDOM exposes image and text item embeddings).
+  arrays = export.embeddings(run)
+  want = figures.false_positive_share(list(run.data.features.values()), arrays["items.npy"])
+  assert int(rows[0]["false_positives"]) == want["false_positives"]
+  assert int(rows[0]["dissimilar_pairs"]) == want["dissimilar_pairs"] > 0
+  want = figures.false_positive_share([arrays["items_image.npy"], arrays["items_text.npy"]],
+                                      arrays["items.npy"])
+  assert int(rows[1]["false_positives"]) == want["false_positives"]
+  assert (out / "fig1.png").stat().st_size > 10_000
+  assert "dissimilar pairs ranked similar" in capsys.readouterr().out

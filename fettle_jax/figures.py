@@ -1,0 +1,163 @@
+"""The paper's figures as numbers and plots: pure functions of arrays and run results
+(scripts/figures.py does the I/O). Every plot is written next to a CSV of its numbers.
+
+- `false_positive_share` (Fig. 1, Sec 1): of the item pairs that are dissimilar in every
+  modality, the share the final item representation ranks as similar.
+- `grid_table` + `heatmap` (Fig. 8, Sec 4.6): a metric's mean over seeds on a 2-D grid
+  of two hyper-parameters.
+Plots use matplotlib's Agg canvas directly (no global backend, no display).
+"""
+
+import csv
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+
+def _cosine(x: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  x = x / np.where(norms > 0, norms, 1.0)
+  return x @ x.T
+
+
+def similarity_ranks(embeddings: np.ndarray) -> np.ndarray:
+  """[n, n]: entry (i, j) is the share of the other items k != i that are less
+  cosine-similar to i than j is (0 = j is i's least similar item, (n-2)/(n-1) = its most
+  similar). The diagonal is -1 (an item is not its own neighbour)."""
+  similarity = _cosine(embeddings)
+  n = similarity.shape[0]
+  np.fill_diagonal(similarity, -np.inf)  # ranks 0 on the diagonal; others 1..n-1
+  ranks = np.argsort(np.argsort(similarity, axis=1, kind="stable"), axis=1, kind="stable")
+  share = (ranks - 1) / max(n - 1, 1)
+  np.fill_diagonal(share, -1.0)
+  return share
+
+
+def false_positive_share(modalities: Sequence[np.ndarray], final: np.ndarray,
+                         dissimilar: float = 0.1, similar: float = 0.9) -> Dict[str, float]:
+  """Fig. 1's count. A pair (i, j) is dissimilar in a modality when fewer than `dissimilar`
+  of the other items are less similar to i than j is (i is less similar to j than to 90%
+  of all items, the paper's definition), in every modality at once; the final
+  representation ranks it as similar when at least `similar` of the others are less
+  similar (j is in i's top 10%). Ordered pairs (i's view of j), self-pairs excluded.
+
+  Returns dissimilar_pairs, false_positives, share (false_positives / dissimilar_pairs)
+  and chance: the share a representation unrelated to the modalities would give (the
+  fraction of pairs ranked as similar at all)."""
+  if not modalities:
+    raise ValueError("false_positive_share needs at least one modality")
+  n = final.shape[0]
+  for m in modalities:
+    if m.shape[0] != n:
+      raise ValueError(f"modality embeddings have {m.shape[0]} rows, the final ones {n}")
+  in_every = np.ones((n, n), bool)
+  for embeddings in modalities:
+    rank = similarity_ranks(embeddings)
+    in_every &= (rank >= 0) & (rank < dissimilar)
+  final_rank = similarity_ranks(final)
+  ranked_similar = final_rank >= similar
+  pairs = int(in_every.sum())
+  false_positives = int((in_every & ranked_similar).sum())
+  return {"dissimilar_pairs": pairs, "false_positives": false_positives,
+          "share": false_positives / pairs if pairs else float("nan"),
+          "chance": float(ranked_similar.sum()) / (n * (n - 1))}
+
+
+def grid_table(results: Sequence[dict], x: str, y: str, metric: str
+               ) -> Tuple[List[float], List[float], np.ndarray, np.ndarray]:
+  """(x values, y values, mean [len(y), len(x)], seeds per cell) of `metric` over the runs'
+  metrics.json contents, grouped by their config's dotted fields `x` and `y`.
+  `metric` is e.g. 'test recall@20' or 'valid recall@20'. Cells with no run are NaN."""
+  split, name = metric.split(" ", 1)
+
+  def field(result, dotted):
+    value = result["config"]
+    for part in dotted.split("."):
+      value = value[part]
+    return float(value)
+
+  cells: Dict[Tuple[float, float], List[float]] = {}
+  for result in results:
+    key = (field(result, x), field(result, y))
+    cells.setdefault(key, []).append(result[split][name])
+  xs = sorted({k[0] for k in cells})
+  ys = sorted({k[1] for k in cells})
+  mean = np.full((len(ys), len(xs)), np.nan)
+  count = np.zeros((len(ys), len(xs)), int)
+  for (vx, vy), values in cells.items():
+    mean[ys.index(vy), xs.index(vx)] = np.mean(values)
+    count[ys.index(vy), xs.index(vx)] = len(values)
+  return xs, ys, mean, count
+
+
+def write_grid_csv(path: str, x: str, y: str, panels: Dict[str, tuple]) -> None:
+  """One row per (panel metric, x, y): mean and number of seeds."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["metric", x, y, "mean", "seeds"])
+    for metric, (xs, ys, mean, count) in panels.items():
+      for r, vy in enumerate(ys):
+        for c, vx in enumerate(xs):
+          writer.writerow([metric, vx, vy, "" if np.isnan(mean[r, c]) else
+                           f"{mean[r, c]:.6f}", count[r, c]])
+
+
+def heatmap(path: str, x: str, y: str, panels: Dict[str, tuple], title: str) -> None:
+  """One heatmap per metric (annotated cells, the best cell of each panel boxed)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+
+  figure = Figure(figsize=(5.2 * len(panels), 4.4), dpi=100)
+  FigureCanvasAgg(figure)
+  axes = np.atleast_1d(figure.subplots(1, len(panels)))
+  for ax, (metric, (xs, ys, mean, count)) in zip(axes, panels.items()):
+    image = ax.imshow(mean, origin="lower", cmap="viridis", aspect="auto")
+    figure.colorbar(image, ax=ax, label=f"{metric} (mean over seeds)")
+    ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
+    ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
+    ax.set(xlabel=x, ylabel=y, title=metric)
+    finite = np.where(np.isnan(mean), -np.inf, mean)
+    best_r, best_c = np.unravel_index(np.argmax(finite), mean.shape)
+    spread = np.nanmax(mean) - np.nanmin(mean)
+    for r in range(len(ys)):
+      for c in range(len(xs)):
+        if not np.isnan(mean[r, c]):
+          light = spread > 0 and mean[r, c] < np.nanmin(mean) + 0.5 * spread
+          ax.text(c, r, f"{mean[r, c]:.4f}\n({count[r, c]} seeds)", ha="center",
+                  va="center", fontsize=8, color="white" if light else "black")
+    ax.add_patch(Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red",
+                           linewidth=2))
+  figure.suptitle(title)
+  figure.tight_layout()
+  figure.savefig(path)
+
+
+def bar_chart(path: str, labels: Sequence[str], groups: Dict[str, Sequence[float]],
+              ylabel: str, title: str, reference: Dict[str, float] = None) -> None:
+  """Grouped bars: one group per label, one bar per `groups` key; optional horizontal
+  reference lines (e.g. the chance level)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  figure = Figure(figsize=(max(7.5, 1.6 * len(labels) * len(groups)), 4.6), dpi=100)
+  FigureCanvasAgg(figure)
+  ax = figure.subplots()
+  width = 0.8 / len(groups)
+  for g, (name, values) in enumerate(groups.items()):
+    positions = np.arange(len(labels)) + (g - (len(groups) - 1) / 2) * width
+    bars = ax.bar(positions, values, width, label=name)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+  for name, value in (reference or {}).items():
+    ax.axhline(value, color="gray", linestyle="--", label=name)
+  ax.set_xticks(range(len(labels)), labels)
+  top = max([v for values in groups.values() for v in values if np.isfinite(v)]
+            + list((reference or {}).values()) + [1e-3])
+  ax.set_ylim(0, 1.35 * top)  # room for the legend above the bars
+  ax.set(ylabel=ylabel)
+  ax.set_title(title, fontsize=11)
+  ax.legend(loc="upper left", fontsize=8)
+  ax.grid(axis="y", alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path)

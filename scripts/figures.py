@@ -1,0 +1,139 @@
+"""The paper's figures from finished runs: a PNG and a CSV of its numbers each.
+
+  python scripts/figures.py fig1 --runs=FREEDOM=runs/a,FREEDOM+FETTLE=runs/b --out=figs/
+  python scripts/figures.py fig8 --grid=runs/grid_bpr --x=fettle.alpha --y=fettle.beta \\
+      --out=figs/
+
+fig1 (Sec 1): for each run (a finished workdir; its best checkpoint), the share of item
+  pairs dissimilar in every modality (i less similar to j than to 90% of the items) that
+  the final item representation ranks among i's top 10%, under two references for
+  "modality": the run's own modality item embeddings (the paper's; backbones that have
+  them) and the data set's content features (the same pairs for every run). Writes
+  fig1.csv and fig1.png (with the chance level: 10%).
+fig8 (Sec 4.6): sensitivity heatmaps over two swept fields of a grid folder (run.py
+  --sweep ...; any folder of runs whose metrics.json differ in those fields): validation
+  and test Recall@20, mean over seeds. Writes fig8_<x>_<y>.csv and .png.
+"""
+
+import glob
+import json
+import os
+import sys
+
+from absl import flags
+from absl import logging
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fettle_jax import figures  # pylint: disable=g-import-not-at-top
+from fettle_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+from fettle_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
+
+FLAGS = flags.FlagValues()  # this tool's own flags (tests load it beside other tools)
+_OUT = flags.DEFINE_string("out", "figures", "Folder for the PNG and CSV files.",
+                           flag_values=FLAGS)
+_RUNS = flags.DEFINE_list("runs", [], "fig1: LABEL=WORKDIR of each finished run.",
+                          flag_values=FLAGS)
+_GRID = flags.DEFINE_string("grid", None, "fig8: folder whose subfolders are runs.",
+                            flag_values=FLAGS)
+_X = flags.DEFINE_string("x", "fettle.alpha", "fig8: the field on the x axis.",
+                         flag_values=FLAGS)
+_Y = flags.DEFINE_string("y", "fettle.beta", "fig8: the field on the y axis.",
+                         flag_values=FLAGS)
+_METRIC = flags.DEFINE_string("metric", "recall@20", "fig8: the metric of both panels.",
+                              flag_values=FLAGS)
+
+
+def fig1(out: str) -> list:
+  from fettle_jax import export  # pylint: disable=g-import-not-at-top  # imports JAX
+  rows = []
+  for item in _RUNS.value:
+    label, sep, workdir = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--runs: expected LABEL=WORKDIR, got {item!r}")
+    run = workdir_lib.load_run(workdir)
+    arrays = export.embeddings(run)
+    own = [a for name, a in sorted(arrays.items()) if name.startswith("items_")]
+    references = {"content features": list(run.data.features.values())}
+    if own:
+      references["own modality embeddings"] = own
+    for reference, modalities in references.items():
+      counts = figures.false_positive_share(modalities, arrays["items.npy"])
+      rows.append(dict(run=label, workdir=workdir, reference=reference,
+                       test_recall20=run.metrics["test"]["recall@20"], **counts))
+      print(f"{label}: {reference}: {counts['false_positives']} of "
+            f"{counts['dissimilar_pairs']} dissimilar pairs ranked similar "
+            f"({100 * counts['share']:.1f}%; chance {100 * counts['chance']:.1f}%)",
+            flush=True)
+  os.makedirs(out, exist_ok=True)
+  columns = ["run", "reference", "dissimilar_pairs", "false_positives", "share", "chance",
+             "test_recall20", "workdir"]
+  with open(os.path.join(out, "fig1.csv"), "w") as f:
+    f.write(",".join(columns) + "\n")
+    for row in rows:
+      f.write(",".join(str(row[c]) for c in columns) + "\n")
+  labels = list(dict.fromkeys(row["run"] for row in rows))
+  groups = {}
+  for reference in dict.fromkeys(row["reference"] for row in rows):
+    groups[f"dissimilar by {reference}"] = [
+        next((r["share"] for r in rows if r["run"] == label and r["reference"] == reference),
+             float("nan")) for label in labels]
+  figures.bar_chart(os.path.join(out, "fig1.png"), labels, groups,
+                    "share of dissimilar pairs ranked similar",
+                    "False positives of the final item representation (Sec 1)",
+                    {f"chance: pairs ranked similar at all ({rows[0]['chance']:.3f})": rows[0]["chance"]}
+                    if rows else None)
+  return rows
+
+
+def fig8(out: str) -> dict:
+  files = sorted(glob.glob(os.path.join(_GRID.value, "*", "metrics.json")))
+  if not files:
+    raise ConfigError(f"--grid={_GRID.value}: no */metrics.json there")
+  results = []
+  for file in files:
+    with open(file) as f:
+      results.append(json.load(f))
+  x, y = _X.value, _Y.value
+  panels = {f"{split} {_METRIC.value}": figures.grid_table(results, x, y,
+                                                           f"{split} {_METRIC.value}")
+            for split in ("valid", "test")}
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, f"fig8_{x.split('.')[-1]}_{y.split('.')[-1]}")
+  figures.write_grid_csv(stem + ".csv", x, y, panels)
+  config = results[0]["config"]
+  figures.heatmap(stem + ".png", x, y, panels,
+                  f"{config['model']} + {config['alignment']}: sensitivity to {x} and {y} "
+                  f"({len(results)} runs)")
+  print(f"wrote {stem}.png and .csv", flush=True)
+  return panels
+
+
+def main(argv) -> int:
+  """The command line; returns the exit status (errors: one `error:` line, status 1)."""
+  command = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else None
+  if not workdir_lib.parse_flags(FLAGS, [argv[0]] + argv[2 if command else 1:], __doc__,
+                                 required=()):
+    return 0
+  logging.set_verbosity(logging.WARNING)
+  try:
+    if command == "fig1":
+      if not _RUNS.value:
+        raise ConfigError("fig1 needs --runs=LABEL=WORKDIR,...")
+      fig1(_OUT.value)
+    elif command == "fig8":
+      if not _GRID.value:
+        raise ConfigError("fig8 needs --grid=FOLDER")
+      fig8(_OUT.value)
+    else:
+      raise ConfigError(f"usage: figures.py fig1|fig8 [flags] (got {command!r}; see --help)")
+  except REPORTED_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

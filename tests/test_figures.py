@@ -1,0 +1,125 @@
+"""fettle_jax/figures.py and scripts/figures.py: Fig. 1's false-positive count against a
+brute-force NumPy reference written from the definition, planted cases, and Fig. 8's grid
+heatmap from run folders."""
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from fettle_jax import figures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+  if "figures_script_under_test" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("figures_script_under_test",
+                                                  os.path.join(ROOT, "scripts", "figures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["figures_script_under_test"] = module
+  return sys.modules["figures_script_under_test"]
+
+
+def reference_false_positives(modalities, final, dissimilar=0.1, similar=0.9):
+  """Triple loop: for each ordered pair (i, j), i != j, count the other items k != i that
+  are less cosine-similar to i than j is, per embedding."""
+  def cos(x, i, j):
+    return x[i] @ x[j] / (np.linalg.norm(x[i]) * np.linalg.norm(x[j]))
+
+  def share_below(x, i, j):
+    others = [k for k in range(len(x)) if k != i]
+    return sum(cos(x, i, k) < cos(x, i, j) for k in others) / len(others)
+
+  n = len(final)
+  pairs = fps = similar_pairs = 0
+  for i in range(n):
+    for j in range(n):
+      if i == j:
+        continue
+      is_similar = share_below(final, i, j) >= similar
+      similar_pairs += is_similar
+      if all(share_below(m, i, j) < dissimilar for m in modalities):
+        pairs += 1
+        fps += is_similar
+  return pairs, fps, similar_pairs / (n * (n - 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_false_positive_share_equals_the_brute_force_count(seed):
+  rng = np.random.default_rng(seed)
+  n = 23
+  modalities = [rng.normal(size=(n, 4)), rng.normal(size=(n, 3))]
+  final = rng.normal(size=(n, 5))
+  # Loose thresholds so that the tiny example has pairs in every category.
+  got = figures.false_positive_share(modalities, final, dissimilar=0.4, similar=0.6)
+  pairs, fps, chance = reference_false_positives(modalities, final, 0.4, 0.6)
+  assert pairs > 0 and fps > 0
+  assert (got["dissimilar_pairs"], got["false_positives"]) == (pairs, fps)
+  assert got["share"] == pytest.approx(fps / pairs)
+  assert got["chance"] == pytest.approx(chance)
+
+
+def test_planted_representations():
+  rng = np.random.default_rng(3)
+  modality = rng.normal(size=(60, 8))
+  # The final representation is the modality itself: a dissimilar pair is never similar.
+  assert figures.false_positive_share([modality], modality)["false_positives"] == 0
+  # A final representation unrelated to the modality: about the chance level, ~10% of the
+  # ordered pairs being in the top 10%.
+  unrelated = figures.false_positive_share([modality], rng.normal(size=(60, 8)))
+  assert unrelated["dissimilar_pairs"] == 60 * 6  # 6 of each item's 59 others: < 10%
+  assert unrelated["chance"] == pytest.approx(0.1, abs=0.02)
+  assert unrelated["share"] == pytest.approx(unrelated["chance"], abs=0.05)
+  with pytest.raises(ValueError, match="rows"):
+    figures.false_positive_share([modality[:5]], modality)
+
+
+def fake_run(folder, alpha, beta, seed, valid, test):
+  os.makedirs(folder)
+  with open(os.path.join(folder, "metrics.json"), "w") as f:
+    json.dump({"config": {"model": "bpr", "alignment": "fettle", "seed": seed,
+                          "fettle": {"alpha": alpha, "beta": beta}},
+               "valid": {"recall@20": valid}, "test": {"recall@20": test}}, f)
+
+
+def test_fig8_heatmap_from_a_grid_folder(tmp_path):
+  grid = tmp_path / "grid"
+  for a in (1e-4, 1e-3):
+    for b in (1e-3, 1e-2, 1e-1):
+      for seed in (0, 1):
+        fake_run(str(grid / f"seed{seed}_a{a}_b{b}"), a, b, seed, valid=a * 100 + b + seed,
+                 test=b)
+  script = load_script()
+  assert script.main(["figures.py", "fig8", f"--grid={grid}", f"--out={tmp_path / 'figs'}"]) == 0
+  assert (tmp_path / "figs" / "fig8_alpha_beta.png").stat().st_size > 10_000
+  with open(tmp_path / "figs" / "fig8_alpha_beta.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 * 6  # two panels x 6 cells
+  cell = [r for r in rows if r["metric"] == "valid recall@20" and
+          float(r["fettle.alpha"]) == 1e-3 and float(r["fettle.beta"]) == 1e-2][0]
+  assert float(cell["mean"]) == pytest.approx(0.1 + 0.01 + 0.5) and cell["seeds"] == "2"
+  xs, ys, mean, count = figures.grid_table(
+      [json.load(open(p)) for p in grid.glob("*/metrics.json")], "fettle.alpha",
+      "fettle.beta", "test recall@20")
+  assert xs == [1e-4, 1e-3] and ys == [1e-3, 1e-2, 1e-1]
+  np.testing.assert_allclose(mean, [[1e-3] * 2, [1e-2] * 2, [1e-1] * 2])
+  assert (count == 2).all()
+
+
+def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
+  script = load_script()
+  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig8"),
+                        (["figures.py", "fig8"], "fig8 needs --grid"),
+                        (["figures.py", "fig8", f"--grid={tmp_path}"], "no */metrics.json"),
+                        (["figures.py", "fig1"], "fig1 needs --runs"),
+                        (["figures.py", "fig1", "--runs=nolabel"], "expected LABEL=WORKDIR"),
+                        (["figures.py", "fig1", f"--runs=a={tmp_path}/none"], "none")]:
+    assert script.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
