@@ -83,8 +83,8 @@ def fig1(out: str) -> list:
   figures.bar_chart(os.path.join(out, "fig1.png"), labels, groups,
                     "share of dissimilar pairs ranked similar",
                     "False positives of the final item representation (Sec 1)",
-                    {f"chance: pairs ranked similar at all ({rows[0]['chance']:.3f})": rows[0]["chance"]}
-                    if rows else None)
+                    {f"chance: share of all pairs ranked similar ({rows[0]['chance']:.3f})":
+                     rows[0]["chance"]} if rows else None)
   return rows
 
 
