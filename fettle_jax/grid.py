@@ -317,8 +317,13 @@ def _train_chunk(run, keys, settings, workdir, eval_data, facts):
       epoch += 1
       active = np.array([not (done[i] or stopped(i)) for i in range(n)])
       start = time.perf_counter()
-      states, losses = epoch_fn(states, train_rngs, epoch, run.static, values,
-                                jnp.asarray(active))
+      try:
+        states, losses = epoch_fn(states, train_rngs, epoch, run.static, values,
+                                  jnp.asarray(active))
+      except jax.errors.ConcretizationTypeError:
+        raise ConfigError(f"a swept field ({', '.join(keys)}) is used as a static switch (a "
+                          "Python branch or a shape) by the model or alignment; sweep it "
+                          "with separate runs") from None
       losses = np.asarray(losses)
       train_seconds = time.perf_counter() - start
       start = time.perf_counter()

@@ -164,6 +164,15 @@ def test_bad_grid_is_one_clear_error(settings, message):
     grid.check_settings(base.get_config("bpr"), settings)
 
 
+def test_sweeping_a_field_the_model_branches_on_is_one_clear_error(tiny_mmrec, tmp_path):
+  # FREEDOM's edge dropout decides in Python whether the pruned graph is drawn.
+  config = tiny_config(tiny_mmrec, model="freedom")
+  config.freedom.prune_every = "step"
+  settings = grid.grid_settings({"freedom.dropout": (0.0, 0.5)}, seeds=(0,))
+  with pytest.raises(ConfigError, match=r"swept field \(freedom.dropout\) is used as a static"):
+    grid.train_grid(config, settings, str(tmp_path / "grid"))
+
+
 @pytest.mark.parametrize("text", ["fettle.beta", "fettle.beta=", "=1,2", "fettle.beta=a,b"])
 def test_bad_sweep_flag_is_one_clear_error(text):
   with pytest.raises(ConfigError, match="expected FIELD=V1,V2"):
@@ -217,3 +226,32 @@ def test_run_py_sweep_and_seeds_train_one_grid_and_print_its_table(monkeypatch, 
   printed = capsys.readouterr().out.strip().splitlines()
   assert printed == (tmp_path / "grid.txt").read_text().strip().splitlines()
   assert len(printed) == 3 and printed[2].startswith("bm3.weight=1 ") and printed[2].endswith("*")
+
+
+def test_a_swept_bidirectional_threshold_equals_each_concrete_setting():
+  """Sec 4.4's theta enters a grid as a traced value: the reverse rows stay in the program
+  and are switched per setting, so theta < 0 (one-way) equals the plain one-way loss."""
+  from test_alignment import make_config, make_problem  # pylint: disable=g-import-not-at-top
+  from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
+  info, reps, features, batch = make_problem(seed=6)
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), info, cfg)
+  thresholds = (-1.0, 0.3)
+  keys = ["fettle.bidirectional_threshold"]
+
+  def loss(p, config):
+    return fettle.loss(p, reps, features, batch, None, config)
+
+  def traced_loss(p, value):
+    return loss(p, grid.traced_config(cfg, keys, value[None]))
+
+  values = jnp.asarray(thresholds)
+  together = jax.jit(jax.vmap(jax.value_and_grad(traced_loss, has_aux=True),
+                              in_axes=(None, 0)))(params, values)
+  for i, theta in enumerate(thresholds):
+    concrete = grid.concrete_config(cfg, {"fettle.bidirectional_threshold": theta})
+    want = jax.jit(jax.value_and_grad(lambda p, c=concrete: loss(p, c), has_aux=True))(params)
+    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], together), want,
+                                atol=1e-5, rtol=1e-5)
+  # theta changes the loss: the test is not vacuous.
+  assert abs(float(together[0][0][0]) - float(together[0][0][1])) > 1e-4

@@ -166,7 +166,15 @@ def add_bidirectional(directions: Array, scores: Array, threshold: float) -> Arr
   pair becomes bidirectional only when both its modalities exceed theta.
   """
   reverse = jnp.swapaxes(directions, 1, 2)  # reverse[i, a, b] = directions[i, b, a]
-  return directions | (reverse & (scores[:, None, :] > threshold))
+  # `threshold >= 0` is a Python bool for a config value, a traced one under a grid sweep
+  # of theta (fettle_jax/grid.py), where a negative value must still mean one-way.
+  return directions | (reverse & (scores[:, None, :] > threshold) & (threshold >= 0))
+
+
+def bidirectional_off(threshold) -> bool:
+  """Statically one-way: a negative config value. A traced theta (a grid sweeping it) keeps
+  the reverse rows in the program and switches them per setting."""
+  return isinstance(threshold, (int, float)) and threshold < 0
 
 
 def alignment_directions(scores: Array, valid: Array, mode: str,
@@ -177,7 +185,7 @@ def alignment_directions(scores: Array, valid: Array, mode: str,
     directions = topmost_directions(scores, valid)
   else:
     raise ConfigError(f"fettle.directions must be 'pairwise' or 'topmost', got {mode!r}")
-  if bidirectional_threshold >= 0:  # static config switch; negative means off
+  if not bidirectional_off(bidirectional_threshold):
     directions = add_bidirectional(directions, scores, bidirectional_threshold)
   return directions
 
@@ -508,7 +516,7 @@ def alignment_term(name: str, inputs: TermInputs, index: TermIndex, layout: Term
   directions = alignment_directions(index.scores, index.valid, cfg.directions,
                                     cfg.bidirectional_threshold)
   directed = direction_queries(inputs.ffn, inputs.embeddings, directions, names,
-                               both_ways=cfg.bidirectional_threshold >= 0)
+                               both_ways=not bidirectional_off(cfg.bidirectional_threshold))
   if name == "dt":
     return direction_tuning_loss(directed, inputs.mean_users, index.valid, len(names),
                                  cfg.dt_similarity == "cosine")
