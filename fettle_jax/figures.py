@@ -3,6 +3,8 @@
 
 - `false_positive_share` (Fig. 1, Sec 1): of the item pairs that are dissimilar in every
   modality, the share the final item representation ranks as similar.
+- `sweep_series` + `line_chart` (Fig. 4, Sec 4.4): a metric over one swept field (the
+  bidirectional threshold theta), one-way alignment as the reference line.
 - `grid_table` + `heatmap` (Fig. 8, Sec 4.6): a metric's mean over seeds on a 2-D grid
   of two hyper-parameters.
 Plots use matplotlib's Agg canvas directly (no global backend, no display).
@@ -64,22 +66,60 @@ def false_positive_share(modalities: Sequence[np.ndarray], final: np.ndarray,
           "chance": float(ranked_similar.sum()) / (n * (n - 1))}
 
 
+def config_field(result: dict, dotted: str) -> float:
+  """A run's config value at a dotted name, e.g. 'fettle.alpha', from its metrics.json."""
+  value = result["config"]
+  for part in dotted.split("."):
+    value = value[part]
+  return float(value)
+
+
+def sweep_series(results: Sequence[dict], field: str, metric: str
+                 ) -> Tuple[List[float], np.ndarray, np.ndarray, np.ndarray]:
+  """(values of `field`, mean, std, seeds) of `metric` ('test recall@20') per value."""
+  split, name = metric.split(" ", 1)
+  groups: Dict[float, List[float]] = {}
+  for result in results:
+    groups.setdefault(config_field(result, field), []).append(result[split][name])
+  xs = sorted(groups)
+  return (xs, np.array([np.mean(groups[x]) for x in xs]),
+          np.array([np.std(groups[x]) for x in xs]), np.array([len(groups[x]) for x in xs]))
+
+
+def line_chart(path: str, xlabel: str, series: Dict[str, tuple], ylabel: str, title: str,
+               reference: Dict[str, Tuple[float, float]] = None) -> None:
+  """Lines with ±std bands: series name -> (xs, mean, std); dashed reference lines with
+  their ±std band: name -> (mean, std), the i-th in the i-th series' colour."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  figure = Figure(figsize=(7.5, 4.6), dpi=100)
+  FigureCanvasAgg(figure)
+  ax = figure.subplots()
+  for i, (name, (xs, mean, std)) in enumerate(series.items()):
+    ax.plot(xs, mean, "o-", color=f"C{i}", label=name)
+    ax.fill_between(xs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+  for i, (name, (mean, std)) in enumerate((reference or {}).items()):
+    color = f"C{i}"
+    ax.axhline(mean, color=color, linestyle="--", label=name)
+    ax.axhspan(mean - std, mean + std, color=color, alpha=0.1)
+  ax.set(xlabel=xlabel, ylabel=ylabel)
+  ax.set_title(title, fontsize=11)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  figure.tight_layout()
+  figure.savefig(path)
+
+
 def grid_table(results: Sequence[dict], x: str, y: str, metric: str
                ) -> Tuple[List[float], List[float], np.ndarray, np.ndarray]:
   """(x values, y values, mean [len(y), len(x)], seeds per cell) of `metric` over the runs'
   metrics.json contents, grouped by their config's dotted fields `x` and `y`.
   `metric` is e.g. 'test recall@20' or 'valid recall@20'. Cells with no run are NaN."""
   split, name = metric.split(" ", 1)
-
-  def field(result, dotted):
-    value = result["config"]
-    for part in dotted.split("."):
-      value = value[part]
-    return float(value)
-
   cells: Dict[Tuple[float, float], List[float]] = {}
   for result in results:
-    key = (field(result, x), field(result, y))
+    key = (config_field(result, x), config_field(result, y))
     cells.setdefault(key, []).append(result[split][name])
   xs = sorted({k[0] for k in cells})
   ys = sorted({k[1] for k in cells})

@@ -1,6 +1,7 @@
 """The paper's figures from finished runs: a PNG and a CSV of its numbers each.
 
   python scripts/figures.py fig1 --runs=FREEDOM=runs/a,FREEDOM+FETTLE=runs/b --out=figs/
+  python scripts/figures.py fig4 --grid=runs/grid_theta --out=figs/
   python scripts/figures.py fig8 --grid=runs/grid_bpr --x=fettle.alpha --y=fettle.beta \\
       --out=figs/
 
@@ -10,6 +11,10 @@ fig1 (Sec 1): for each run (a finished workdir; its best checkpoint), the share 
   "modality": the run's own modality item embeddings (the paper's; backbones that have
   them) and the data set's content features (the same pairs for every run). Writes
   fig1.csv and fig1.png (with the chance level: 10%).
+fig4 (Sec 4.4): one-way vs bidirectional alignment over theta, from a folder of runs that
+  differ in fettle.bidirectional_threshold (run.py --sweep=fettle.bidirectional_threshold=
+  -1,0,0.25,...; negative = one-way, the reference line): test Recall@10 and @20, mean ±
+  std over seeds. Writes fig4.csv and fig4.png.
 fig8 (Sec 4.6): sensitivity heatmaps over two swept fields of a grid folder (run.py
   --sweep ...; any folder of runs whose metrics.json differ in those fields): validation
   and test Recall@20, mean over seeds. Writes fig8_<x>_<y>.csv and .png.
@@ -22,6 +27,7 @@ import sys
 
 from absl import flags
 from absl import logging
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,7 +42,7 @@ _OUT = flags.DEFINE_string("out", "figures", "Folder for the PNG and CSV files."
                            flag_values=FLAGS)
 _RUNS = flags.DEFINE_list("runs", [], "fig1: LABEL=WORKDIR of each finished run.",
                           flag_values=FLAGS)
-_GRID = flags.DEFINE_string("grid", None, "fig8: folder whose subfolders are runs.",
+_GRID = flags.DEFINE_string("grid", None, "fig4, fig8: folder whose subfolders are runs.",
                             flag_values=FLAGS)
 _X = flags.DEFINE_string("x", "fettle.alpha", "fig8: the field on the x axis.",
                          flag_values=FLAGS)
@@ -88,7 +94,8 @@ def fig1(out: str) -> list:
   return rows
 
 
-def fig8(out: str) -> dict:
+def grid_results() -> list:
+  """metrics.json of every run folder under --grid."""
   files = sorted(glob.glob(os.path.join(_GRID.value, "*", "metrics.json")))
   if not files:
     raise ConfigError(f"--grid={_GRID.value}: no */metrics.json there")
@@ -96,6 +103,42 @@ def fig8(out: str) -> dict:
   for file in files:
     with open(file) as f:
       results.append(json.load(f))
+  return results
+
+
+THETA = "fettle.bidirectional_threshold"
+
+
+def fig4(out: str) -> dict:
+  results = grid_results()
+  one_way = [r for r in results if figures.config_field(r, THETA) < 0]
+  both = [r for r in results if figures.config_field(r, THETA) >= 0]
+  if not one_way or not both:
+    raise ConfigError(f"--grid={_GRID.value}: fig4 needs runs with {THETA} < 0 (one-way) "
+                      f"and >= 0 (bidirectional); found {len(one_way)} and {len(both)}")
+  series, reference, rows = {}, {}, []
+  for metric in ("test recall@10", "test recall@20"):
+    xs, mean, std, count = figures.sweep_series(both, THETA, metric)
+    series[f"bidirectional where s > theta: {metric}"] = (xs, mean, std)
+    values = [r["test"][metric.split(" ")[1]] for r in one_way]
+    reference[f"one-way (FETTLE): {metric}"] = (float(np.mean(values)), float(np.std(values)))
+    rows += [(metric, "bidirectional", x, m, s, c) for x, m, s, c in zip(xs, mean, std, count)]
+    rows.append((metric, "one-way", "", np.mean(values), np.std(values), len(values)))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "fig4.csv"), "w") as f:
+    f.write("metric,alignment,theta,mean,std,seeds\n")
+    f.writelines(f"{m},{a},{x},{mean:.6f},{std:.6f},{c}\n" for m, a, x, mean, std, c in rows)
+  config = results[0]["config"]
+  figures.line_chart(os.path.join(out, "fig4.png"), "theta (bidirectional threshold)",
+                     series, "test metric (mean ± std over seeds)",
+                     f"{config['model']} + FETTLE: one-way vs bidirectional alignment "
+                     "(Sec 4.4)", reference)
+  print(f"wrote {os.path.join(out, 'fig4.png')} and .csv", flush=True)
+  return series
+
+
+def fig8(out: str) -> dict:
+  results = grid_results()
   x, y = _X.value, _Y.value
   panels = {f"{split} {_METRIC.value}": figures.grid_table(results, x, y,
                                                            f"{split} {_METRIC.value}")
@@ -123,12 +166,16 @@ def main(argv) -> int:
       if not _RUNS.value:
         raise ConfigError("fig1 needs --runs=LABEL=WORKDIR,...")
       fig1(_OUT.value)
+    elif command == "fig4":
+      if not _GRID.value:
+        raise ConfigError("fig4 needs --grid=FOLDER")
+      fig4(_OUT.value)
     elif command == "fig8":
       if not _GRID.value:
         raise ConfigError("fig8 needs --grid=FOLDER")
       fig8(_OUT.value)
     else:
-      raise ConfigError(f"usage: figures.py fig1|fig8 [flags] (got {command!r}; see --help)")
+      raise ConfigError(f"usage: figures.py fig1|fig4|fig8 [flags] (got {command!r}; see --help)")
   except REPORTED_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

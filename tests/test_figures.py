@@ -80,12 +80,14 @@ def test_planted_representations():
     figures.false_positive_share([modality[:5]], modality)
 
 
-def fake_run(folder, alpha, beta, seed, valid, test):
+def fake_run(folder, alpha, beta, seed, valid, test, theta=-1.0):
   os.makedirs(folder)
   with open(os.path.join(folder, "metrics.json"), "w") as f:
     json.dump({"config": {"model": "bpr", "alignment": "fettle", "seed": seed,
-                          "fettle": {"alpha": alpha, "beta": beta}},
-               "valid": {"recall@20": valid}, "test": {"recall@20": test}}, f)
+                          "fettle": {"alpha": alpha, "beta": beta,
+                                     "bidirectional_threshold": theta}},
+               "valid": {"recall@20": valid},
+               "test": {"recall@20": test, "recall@10": test / 2}}, f)
 
 
 def test_fig8_heatmap_from_a_grid_folder(tmp_path):
@@ -112,9 +114,31 @@ def test_fig8_heatmap_from_a_grid_folder(tmp_path):
   assert (count == 2).all()
 
 
+def test_fig4_one_way_against_bidirectional_over_theta(tmp_path):
+  grid = tmp_path / "grid"
+  for seed in (0, 1):
+    fake_run(str(grid / f"one_way_{seed}"), 1e-3, 1e-3, seed, 0.5, 0.30 + 0.02 * seed)
+    for theta in (0.0, 0.5, 0.9):
+      fake_run(str(grid / f"theta{theta}_{seed}"), 1e-3, 1e-3, seed, 0.5, theta / 10 + seed,
+               theta=theta)
+  script = load_script()
+  assert script.main(["figures.py", "fig4", f"--grid={grid}", f"--out={tmp_path}"]) == 0
+  assert (tmp_path / "fig4.png").stat().st_size > 10_000
+  with open(tmp_path / "fig4.csv") as f:
+    rows = list(csv.DictReader(f))
+  one_way = [r for r in rows if r["alignment"] == "one-way" and r["metric"] == "test recall@20"]
+  assert float(one_way[0]["mean"]) == pytest.approx(0.31)
+  assert float(one_way[0]["std"]) == pytest.approx(0.01) and one_way[0]["seeds"] == "2"
+  theta = [r for r in rows if r["alignment"] == "bidirectional" and
+           r["metric"] == "test recall@10" and float(r["theta"]) == 0.9][0]
+  assert float(theta["mean"]) == pytest.approx((0.09 + 1.09) / 2 / 2)
+
+
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
   script = load_script()
-  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig8"),
+  fake_run(str(tmp_path / "one_way" / "run"), 1e-3, 1e-3, 0, 0.5, 0.3)
+  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig8"),
+                        (["figures.py", "fig4", f"--grid={tmp_path / 'one_way'}"], "found 1 and 0"),
                         (["figures.py", "fig8"], "fig8 needs --grid"),
                         (["figures.py", "fig8", f"--grid={tmp_path}"], "no */metrics.json"),
                         (["figures.py", "fig1"], "fig1 needs --runs"),
