@@ -5,6 +5,9 @@
   modality, the share the final item representation ranks as similar.
 - `sweep_series` + `line_chart` (Fig. 4, Sec 4.4): a metric over one swept field (the
   bidirectional threshold theta), one-way alignment as the reference line.
+- `tsne_2d`, `modality_cosines` + `scatter_panels` (Fig. 5, 6, Sec 4.5): 2-D t-SNE
+  (scikit-learn, the `figures` extra) of item embeddings per modality, or of users with
+  their items' modality embeddings, before and after alignment.
 - `grid_table` + `heatmap` (Fig. 8, Sec 4.6): a metric's mean over seeds on a 2-D grid
   of two hyper-parameters.
 Plots use matplotlib's Agg canvas directly (no global backend, no display).
@@ -108,6 +111,72 @@ def line_chart(path: str, xlabel: str, series: Dict[str, tuple], ylabel: str, ti
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   figure.tight_layout()
+  figure.savefig(path)
+
+
+def tsne_2d(points: np.ndarray, seed: int = 0) -> np.ndarray:
+  """[n, 2] t-SNE of `points` [n, L] (scikit-learn; PCA init, so runs are comparable)."""
+  try:
+    from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("t-SNE figures need scikit-learn: pip install -e '.[figures]'") from None
+  points = np.asarray(points, np.float64)
+  perplexity = float(min(30.0, max(2.0, (len(points) - 1) / 3)))
+  return TSNE(n_components=2, init="pca", random_state=seed, perplexity=perplexity
+              ).fit_transform(points)
+
+
+def modality_cosines(reference: np.ndarray, others: Dict[str, np.ndarray]) -> Dict[str, float]:
+  """Mean over items of cos(reference_i, other_i) per modality: how close each item's
+  modality embeddings sit to its reference (ID) embedding, the number behind Fig. 5."""
+  ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+  out = {}
+  for name, emb in others.items():
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out[name] = float(np.mean(np.sum(ref * emb, axis=1)))
+  return out
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def scatter_panels(path: str, panels: Sequence[tuple], title: str,
+                   large: Sequence[str] = ()) -> None:
+  """One scatter per panel (title, xy [n, 2], colour group per point, marker group per
+  point); colours and markers keep their meaning across panels; one shared legend. Marker
+  groups in `large` are drawn as big black-edged stars (e.g. the users of Fig. 6)."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+
+  colours = list(dict.fromkeys(c for _, _, cs, _ in panels for c in cs))
+  markers = list(dict.fromkeys(m for _, _, _, ms in panels for m in ms))
+  figure = Figure(figsize=(5.4 * len(panels) + 2.2, 5.0), dpi=100)
+  FigureCanvasAgg(figure)
+  axes = np.atleast_1d(figure.subplots(1, len(panels)))
+  for ax, (panel_title, xy, colour_of, marker_of) in zip(axes, panels):
+    colour_of, marker_of = np.asarray(colour_of), np.asarray(marker_of)
+    for c, colour in enumerate(colours):
+      for m, marker in enumerate(markers):
+        chosen = (colour_of == colour) & (marker_of == marker)
+        if chosen.any() and marker in large:
+          ax.scatter(xy[chosen, 0], xy[chosen, 1], s=220, color=f"C{c % 10}", marker="*",
+                     edgecolors="black", linewidths=0.8, zorder=3)
+        elif chosen.any():
+          ax.scatter(xy[chosen, 0], xy[chosen, 1], s=10 if len(xy) > 500 else 28,
+                     color=f"C{c % 10}", marker=MARKERS[m % len(MARKERS)], alpha=0.6,
+                     linewidths=0)
+    ax.set_title(panel_title, fontsize=10)
+    ax.set(xticks=[], yticks=[], xlabel="t-SNE 1", ylabel="t-SNE 2")
+  handles = ([Line2D([], [], color=f"C{c % 10}", marker="o", linestyle="", label=colour)
+              for c, colour in enumerate(colours)] if len(colours) > 1 else [])
+  handles += ([Line2D([], [], color="gray", linestyle="", label=marker,
+                      marker="*" if marker in large else MARKERS[m % len(MARKERS)])
+               for m, marker in enumerate(markers)]
+              if len(markers) > 1 else [])
+  figure.legend(handles=handles, loc="center right", fontsize=8)
+  figure.suptitle(title)
+  figure.tight_layout(rect=(0, 0, 1 - 2.0 / figure.get_figwidth(), 1))
   figure.savefig(path)
 
 

@@ -1,6 +1,8 @@
 """The paper's figures from finished runs: a PNG and a CSV of its numbers each.
 
   python scripts/figures.py fig1 --runs=FREEDOM=runs/a,FREEDOM+FETTLE=runs/b --out=figs/
+  python scripts/figures.py fig5 --runs=FREEDOM=runs/a,FREEDOM+FETTLE=runs/b --out=figs/
+  python scripts/figures.py fig6 --runs=FREEDOM=runs/a,FREEDOM+FETTLE=runs/b --out=figs/
   python scripts/figures.py fig4 --grid=runs/grid_theta --out=figs/
   python scripts/figures.py fig8 --grid=runs/grid_bpr --x=fettle.alpha --y=fettle.beta \\
       --out=figs/
@@ -11,6 +13,13 @@ fig1 (Sec 1): for each run (a finished workdir; its best checkpoint), the share 
   "modality": the run's own modality item embeddings (the paper's; backbones that have
   them) and the data set's content features (the same pairs for every run). Writes
   fig1.csv and fig1.png (with the chance level: 10%).
+fig5 (Sec 4.5, needs scikit-learn: pip install -e '.[figures]'): 2-D t-SNE of the item
+  embeddings of each modality (ID = the final item representation, and the backbone's own
+  modality embeddings), one panel per run, the same --items sampled items in each; next to
+  the mean cosine of each item's modality embeddings to its ID embedding (fig5.csv,
+  fig5_points.csv, fig5.png).
+fig6 (Sec 4.5): 2-D t-SNE of --users users (the most active ones in train) with their train
+  items' embeddings in every modality, one panel per run (fig6.csv, fig6.png).
 fig4 (Sec 4.4): one-way vs bidirectional alignment over theta, from a folder of runs that
   differ in fettle.bidirectional_threshold (run.py --sweep=fettle.bidirectional_threshold=
   -1,0,0.25,...; negative = one-way, the reference line): test Recall@10 and @20, mean ±
@@ -40,7 +49,7 @@ from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at
 FLAGS = flags.FlagValues()  # this tool's own flags (tests load it beside other tools)
 _OUT = flags.DEFINE_string("out", "figures", "Folder for the PNG and CSV files.",
                            flag_values=FLAGS)
-_RUNS = flags.DEFINE_list("runs", [], "fig1: LABEL=WORKDIR of each finished run.",
+_RUNS = flags.DEFINE_list("runs", [], "fig1, fig5, fig6: LABEL=WORKDIR of each finished run.",
                           flag_values=FLAGS)
 _GRID = flags.DEFINE_string("grid", None, "fig4, fig8: folder whose subfolders are runs.",
                             flag_values=FLAGS)
@@ -48,19 +57,37 @@ _X = flags.DEFINE_string("x", "fettle.alpha", "fig8: the field on the x axis.",
                          flag_values=FLAGS)
 _Y = flags.DEFINE_string("y", "fettle.beta", "fig8: the field on the y axis.",
                          flag_values=FLAGS)
+_ITEMS = flags.DEFINE_integer("items", 1500, "fig5: items sampled (t-SNE cost grows with "
+                              "the points: items x modalities).", flag_values=FLAGS)
+_USERS = flags.DEFINE_integer("users", 6, "fig6: users shown.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "fig5, fig6: sampling and t-SNE seed.",
+                             flag_values=FLAGS)
 _METRIC = flags.DEFINE_string("metric", "recall@20", "fig8: the metric of both panels.",
                               flag_values=FLAGS)
 
 
-def fig1(out: str) -> list:
+def labelled_runs():
+  """(label, workdir, run, its exported arrays) for each --runs entry."""
   from fettle_jax import export  # pylint: disable=g-import-not-at-top  # imports JAX
-  rows = []
   for item in _RUNS.value:
     label, sep, workdir = item.partition("=")
     if not sep:
       raise ConfigError(f"--runs: expected LABEL=WORKDIR, got {item!r}")
     run = workdir_lib.load_run(workdir)
-    arrays = export.embeddings(run)
+    yield label, workdir, run, export.embeddings(run)
+
+
+def item_modalities(arrays: dict) -> dict:
+  """{'ID': final items, <modality>: the backbone's own modality item embeddings}."""
+  out = {"ID": arrays["items.npy"]}
+  out.update({name[len("items_"):-len(".npy")]: a for name, a in sorted(arrays.items())
+              if name.startswith("items_")})
+  return out
+
+
+def fig1(out: str) -> list:
+  rows = []
+  for label, workdir, run, arrays in labelled_runs():
     own = [a for name, a in sorted(arrays.items()) if name.startswith("items_")]
     references = {"content features": list(run.data.features.values())}
     if own:
@@ -92,6 +119,69 @@ def fig1(out: str) -> list:
                     {f"chance: share of all pairs ranked similar ({rows[0]['chance']:.3f})":
                      rows[0]["chance"]} if rows else None)
   return rows
+
+
+def fig5(out: str) -> list:
+  panels, rows, points = [], [], []
+  sample = None
+  for label, _, run, arrays in labelled_runs():
+    modalities = item_modalities(arrays)
+    if len(modalities) == 1:
+      raise ConfigError(f"fig5: run {label!r} ({run.experiment.config.model}) has no modality "
+                        "item embeddings; use a multi-modal backbone")
+    if sample is None:
+      rng = np.random.default_rng(_SEED.value)
+      n_items = run.data.n_items
+      sample = np.sort(rng.choice(n_items, size=min(_ITEMS.value, n_items), replace=False))
+    names = list(modalities)
+    xy = figures.tsne_2d(np.concatenate([modalities[m][sample] for m in names]), _SEED.value)
+    group = np.repeat(names, len(sample))
+    cosines = figures.modality_cosines(modalities["ID"], {m: modalities[m] for m in names[1:]})
+    rows += [(label, m, c) for m, c in cosines.items()]
+    points += [(label, item, m, x, y) for (x, y), m, item
+               in zip(xy, group, np.tile(sample, len(names)))]
+    detail = ", ".join(f"cos(ID, {m}) {c:.3f}" for m, c in cosines.items())
+    panels.append((f"{label}\n{detail}", xy, group, ["item"] * len(group)))
+    print(f"{label}: {detail}", flush=True)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "fig5.csv"), "w") as f:
+    f.write("run,modality,mean_cosine_to_id\n")
+    f.writelines(f"{r},{m},{c:.6f}\n" for r, m, c in rows)
+  with open(os.path.join(out, "fig5_points.csv"), "w") as f:
+    f.write("run,item,modality,x,y\n")
+    f.writelines(f"{r},{i},{m},{x:.4f},{y:.4f}\n" for r, i, m, x, y in points)
+  figures.scatter_panels(os.path.join(out, "fig5.png"), panels,
+                         f"t-SNE of {len(sample)} items' embeddings per modality (Sec 4.5)")
+  return rows
+
+
+def fig6(out: str) -> list:
+  panels, points = [], []
+  for label, _, run, arrays in labelled_runs():
+    degree = np.bincount(run.data.train[:, 0], minlength=run.data.n_users)
+    users = np.argsort(-degree, kind="stable")[:_USERS.value]  # the most active users
+    modalities = item_modalities(arrays)
+    vectors, colour, marker = [], [], []
+    for user in users:
+      items = run.data.train[run.data.train[:, 0] == user, 1]
+      vectors.append(arrays["users.npy"][user][None])
+      colour.append(f"user {user}")
+      marker.append("user")
+      for name, table in modalities.items():
+        vectors.append(table[items])
+        colour += [f"user {user}"] * len(items)
+        marker += [f"item {name}"] * len(items)
+    xy = figures.tsne_2d(np.concatenate(vectors), _SEED.value)
+    points += [(label, c, m, x, y) for (x, y), c, m in zip(xy, colour, marker)]
+    panels.append((label, xy, colour, marker))
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "fig6.csv"), "w") as f:
+    f.write("run,user,point,x,y\n")
+    f.writelines(f"{r},{c},{m},{x:.4f},{y:.4f}\n" for r, c, m, x, y in points)
+  figures.scatter_panels(os.path.join(out, "fig6.png"), panels,
+                         f"t-SNE of {_USERS.value} users and their train items' modality "
+                         "embeddings (Sec 4.5)", large=("user",))
+  return points
 
 
 def grid_results() -> list:
@@ -166,6 +256,10 @@ def main(argv) -> int:
       if not _RUNS.value:
         raise ConfigError("fig1 needs --runs=LABEL=WORKDIR,...")
       fig1(_OUT.value)
+    elif command in ("fig5", "fig6"):
+      if not _RUNS.value:
+        raise ConfigError(f"{command} needs --runs=LABEL=WORKDIR,...")
+      (fig5 if command == "fig5" else fig6)(_OUT.value)
     elif command == "fig4":
       if not _GRID.value:
         raise ConfigError("fig4 needs --grid=FOLDER")
@@ -175,7 +269,8 @@ def main(argv) -> int:
         raise ConfigError("fig8 needs --grid=FOLDER")
       fig8(_OUT.value)
     else:
-      raise ConfigError(f"usage: figures.py fig1|fig4|fig8 [flags] (got {command!r}; see --help)")
+      raise ConfigError(f"usage: figures.py fig1|fig4|fig5|fig6|fig8 [flags] (got "
+                        f"{command!r}; see --help)")
   except REPORTED_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

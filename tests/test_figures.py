@@ -137,7 +137,7 @@ def test_fig4_one_way_against_bidirectional_over_theta(tmp_path):
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
   script = load_script()
   fake_run(str(tmp_path / "one_way" / "run"), 1e-3, 1e-3, 0, 0.5, 0.3)
-  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig8"),
+  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig5|fig6|fig8"),
                         (["figures.py", "fig4", f"--grid={tmp_path / 'one_way'}"], "found 1 and 0"),
                         (["figures.py", "fig8"], "fig8 needs --grid"),
                         (["figures.py", "fig8", f"--grid={tmp_path}"], "no */metrics.json"),

@@ -225,3 +225,36 @@ def test_fig1_false_positives_of_a_finished_run(trained, run, tmp_path, capsys):
   assert int(rows[1]["false_positives"]) == want["false_positives"]
   assert (out / "fig1.png").stat().st_size > 10_000
   assert "dissimilar pairs ranked similar" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("figure", ["fig5", "fig6"])
+def test_tsne_figures_of_a_finished_run(trained, run, tmp_path, figure):
+  from tests.test_figures import load_script  # pylint: disable=g-import-not-at-top
+  out = tmp_path / figure
+  assert load_script().main(["figures.py", figure, f"--runs=A={trained['workdir']},"
+                             f"B={trained['workdir']}", "--items=20", "--users=3",
+                             f"--out={out}"]) == 0
+  assert (out / f"{figure}.png").stat().st_size > 10_000
+  arrays = export.embeddings(run)
+  if figure == "fig5":
+    with open(out / "fig5.csv") as f:
+      rows = list(csv.DictReader(f))
+    assert [(r["run"], r["modality"]) for r in rows] == [
+        ("A", "image"), ("A", "text"), ("B", "image"), ("B", "text")]
+    items = arrays["items.npy"] / np.linalg.norm(arrays["items.npy"], axis=1, keepdims=True)
+    image = arrays["items_image.npy"]
+    image = image / np.linalg.norm(image, axis=1, keepdims=True)
+    want = np.mean(np.sum(items * image, 1))
+    assert float(rows[0]["mean_cosine_to_id"]) == pytest.approx(want, abs=1e-5)
+    with open(out / "fig5_points.csv") as f:
+      points = list(csv.DictReader(f))
+    assert len(points) == 2 * 3 * 20  # runs x modalities (ID, image, text) x items
+  else:
+    with open(out / "fig6.csv") as f:
+      points = list(csv.DictReader(f))
+    train_pairs = trained["pairs"]["train"]
+    degree = np.bincount(train_pairs[:, 0], minlength=N_USERS)
+    users = np.argsort(-degree, kind="stable")[:3]
+    # Per run: each user, and each of its train items in the 3 modalities.
+    assert len(points) == 2 * sum(1 + 3 * degree[u] for u in users)
+    assert {p["user"] for p in points} == {f"user {u}" for u in users}
