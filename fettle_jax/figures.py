@@ -8,6 +8,8 @@
 - `tsne_2d`, `modality_cosines` + `scatter_panels` (Fig. 5, 6, Sec 4.5): 2-D t-SNE
   (scikit-learn, the `figures` extra) of item embeddings per modality, or of users with
   their items' modality embeddings, before and after alignment.
+- `feedback_scores` + `planted_direction_agreement` (the direction study on the synthetic
+  twins): how often Eq. 5's direction points from an item's noisy modality to its clean one.
 - `grid_table` + `heatmap` (Fig. 8, Sec 4.6): a metric's mean over seeds on a 2-D grid
   of two hyper-parameters.
 Plots use matplotlib's Agg canvas directly (no global backend, no display).
@@ -178,6 +180,34 @@ def scatter_panels(path: str, panels: Sequence[tuple], title: str,
   figure.suptitle(title)
   figure.tight_layout(rect=(0, 0, 1 - 2.0 / figure.get_figwidth(), 1))
   figure.savefig(path)
+
+
+def feedback_scores(users: np.ndarray, item_modalities: np.ndarray,
+                    train_pairs: np.ndarray) -> np.ndarray:
+  """s_i^m (Eq. 2) over all of an item's train users instead of a batch's: the mean of the
+  item's users' embeddings dotted with i^m. users [n_users, L], item_modalities
+  [n_items, |M|, L], train_pairs int [n, 2] (user, item). Items without a train user: 0."""
+  n_items = item_modalities.shape[0]
+  sums = np.zeros((n_items, users.shape[1]), np.float64)
+  np.add.at(sums, train_pairs[:, 1], users[train_pairs[:, 0]])
+  counts = np.bincount(train_pairs[:, 1], minlength=n_items)
+  mean_users = sums / np.maximum(counts, 1)[:, None]
+  return np.einsum("il,iml->im", mean_users, item_modalities)
+
+
+def planted_direction_agreement(scores_a: np.ndarray, scores_b: np.ndarray,
+                                noise_a: np.ndarray, noise_b: np.ndarray,
+                                mixed: np.ndarray) -> Dict[str, float]:
+  """Eq. 5 aligns the lower-scored modality of a pair to the higher-scored one. Agreement:
+  the direction points from the noisier modality (larger planted noise) to the cleaner one,
+  i.e. the cleaner one has the higher score. Returned over the `mixed` items (one modality
+  clean, the other noisy: where the direction matters) and over all items."""
+  cleaner_a = noise_a < noise_b
+  a_higher = scores_a > scores_b
+  agree = cleaner_a == a_higher
+  return {"mixed_items": int(mixed.sum()),
+          "agreement_mixed": float(agree[mixed].mean()) if mixed.any() else float("nan"),
+          "agreement_all": float(agree.mean())}
 
 
 def grid_table(results: Sequence[dict], x: str, y: str, metric: str
