@@ -18,7 +18,8 @@ summation order of batched products.
 Memory grows with the number of settings: `chunk` bounds the settings per program (the
 chunks run one after another), and a chunk that exhausts device memory before its first
 epoch is split in two and retried. A finished setting (metrics.json present) is reused;
-an interrupted chunk resumes from `<workdir>/chunks/<id>/checkpoints/latest`.
+an interrupted chunk resumes from `<workdir>/chunks/<id>/checkpoints/latest` (removed once
+every setting of the chunk has finished).
 Single-device only for now: a mesh of several devices is a ConfigError.
 """
 
@@ -27,6 +28,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -357,6 +359,9 @@ def _train_chunk(run, keys, settings, workdir, eval_data, facts):
           finish(i)
   finally:
     checkpoints.close()
+  # Every setting has its folder (metrics, best checkpoint): the chunk's resumable state
+  # (all settings' parameters and optimizer moments) is dead weight from here on.
+  shutil.rmtree(os.path.join(chunk_dir, "checkpoints"), ignore_errors=True)
 
 
 def summary_lines(settings: Sequence[Setting], results: Sequence[dict],

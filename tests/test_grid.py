@@ -42,6 +42,8 @@ def test_grid_equals_sequential_runs_and_stops_each_setting_on_its_own(tiny_mmre
               {"seed": 0, "bm3.weight": 0.1, "learning_rate": 0.0}]
   results = grid.train_grid(config, settings, str(tmp_path / "grid"))
   assert results[2]["epochs"] == 3 and max(r["epochs"] for r in results) == 4
+  # The finished chunk's resumable state is gone; its settings list stays.
+  assert [p.name for p in (tmp_path / "grid" / "chunks").glob("*/*")] == ["settings.txt"]
   for setting, got in zip(settings, results):
     name = grid.setting_name(setting)
     want = train.train_and_evaluate(grid.concrete_config(config, setting),
@@ -110,6 +112,7 @@ def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, mon
     grid.train_grid(config, settings, str(tmp_path / "resumed"))
   assert not os.path.exists(tmp_path / "resumed" / grid.setting_name(settings[0]) /
                             "metrics.json")
+  assert list((tmp_path / "resumed" / "chunks").glob("*/checkpoints/latest"))  # kept to resume
   monkeypatch.setattr(train, "record_epoch", record_epoch)
   resumed = grid.train_grid(config, settings, str(tmp_path / "resumed"))
   for got, want in zip(resumed, full):
