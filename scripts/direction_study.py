@@ -69,11 +69,24 @@ def measure(experiment, state, data, noise, mixed) -> dict:
   names = modalities.modality_names(list(projectors))
   embeddings = modalities.all_item_modality_embeddings(
       projectors, reps, experiment.static.features, names, config.fettle.use_backbone_modalities)
-  scores = figures.feedback_scores(np.asarray(reps.users), np.asarray(embeddings), data.train)
+  embeddings = np.asarray(embeddings)
+  scores = figures.feedback_scores(np.asarray(reps.users), embeddings, data.train)
   image, text = names.index("image"), names.index("text")
   out = figures.planted_direction_agreement(scores[:, image], scores[:, text], noise[:, 0],
                                             noise[:, 1], mixed)
   out["id_on_top"] = float(np.mean(np.argmax(scores, axis=1) == names.index("id")))
+  # Eq. 2 is a raw inner product, so a modality whose embedding is longer scores higher.
+  # The same directions from unit-length i^m, and the mean length of the noisy modality's
+  # embedding over the clean one's (mixed items), show how much of the answer is length.
+  norms = np.linalg.norm(embeddings, axis=-1)
+  unit = figures.feedback_scores(np.asarray(reps.users), embeddings / np.maximum(
+      norms[..., None], 1e-12), data.train)
+  out["agreement_mixed_unit_length"] = figures.planted_direction_agreement(
+      unit[:, image], unit[:, text], noise[:, 0], noise[:, 1], mixed)["agreement_mixed"]
+  noisy_first = noise[:, 0] > noise[:, 1]
+  noisy_norm = np.where(noisy_first, norms[:, image], norms[:, text])
+  clean_norm = np.where(noisy_first, norms[:, text], norms[:, image])
+  out["noisy_over_clean_length"] = float(np.mean(noisy_norm[mixed] / clean_norm[mixed]))
   return out
 
 
@@ -128,23 +141,32 @@ def main(argv):
   baselines["bpr+fettle"] = result
 
   with open(os.path.join(out, "directions.csv"), "w") as f:
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(c for r in rows for c in r))
     f.write(",".join(columns) + "\n")
-    f.writelines(",".join(str(r[c]) for c in columns) + "\n" for r in rows)
+    f.writelines(",".join(str(r.get(c, "")) for c in columns) + "\n" for r in rows)
   epochs_axis = [r["epoch"] for r in rows]
   figures.line_chart(
       os.path.join(out, "directions.png"), "training epoch",
       {"items with one clean, one noisy modality": (
            epochs_axis, np.array([r["agreement_mixed"] for r in rows]), np.zeros(len(rows))),
        "all items": (epochs_axis, np.array([r["agreement_all"] for r in rows]),
-                     np.zeros(len(rows)))},
+                     np.zeros(len(rows))),
+       "mixed items, directions from unit-length i^m": (
+           epochs_axis, np.array([r.get("agreement_mixed_unit_length", np.nan) for r in rows]),
+           np.zeros(len(rows)))},
       "share of image/text directions noisy -> clean",
       "BPR+FETTLE on the Baby twin: does Eq. 5 point to the planted clean modality?",
       {"chance": (0.5, 0.0)})
+  def percent(row, key):
+    return f"{100 * row[key]:.1f}%" if key in row else "n/a"
+
   lines = ["| epoch | items (mixed) | agreement, mixed items | agreement, all items | "
-           "ID on top |", "| --- | --- | --- | --- | --- |"]
-  lines += [f"| {r['epoch']} | {r['mixed_items']} | {100 * r['agreement_mixed']:.1f}% | "
-            f"{100 * r['agreement_all']:.1f}% | {100 * r['id_on_top']:.1f}% |" for r in rows]
+           "ID on top | agreement, mixed, unit-length i^m | noisy / clean length |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines += [f"| {r['epoch']} | {r['mixed_items']} | {percent(r, 'agreement_mixed')} | "
+            f"{percent(r, 'agreement_all')} | {percent(r, 'id_on_top')} | "
+            f"{percent(r, 'agreement_mixed_unit_length')} | "
+            f"{r.get('noisy_over_clean_length', float('nan')):.3f} |" for r in rows]
   lines += ["", "| model | best epoch | test R@20 | test N@20 | valid R@20 |",
             "| --- | --- | --- | --- | --- |"]
   lines += [f"| {name} | {r['best_epoch']} | {r['test']['recall@20']:.4f} | "
