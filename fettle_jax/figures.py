@@ -94,7 +94,8 @@ def sweep_series(results: Sequence[dict], field: str, metric: str
 def line_chart(path: str, xlabel: str, series: Dict[str, tuple], ylabel: str, title: str,
                reference: Dict[str, Tuple[float, float]] = None) -> None:
   """Lines with ±std bands: series name -> (xs, mean, std); dashed reference lines with
-  their ±std band: name -> (mean, std), the i-th in the i-th series' colour."""
+  their ±std band: name -> (mean, std); with one reference per series the i-th takes the
+  i-th series' colour, else gray."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
@@ -104,8 +105,9 @@ def line_chart(path: str, xlabel: str, series: Dict[str, tuple], ylabel: str, ti
   for i, (name, (xs, mean, std)) in enumerate(series.items()):
     ax.plot(xs, mean, "o-", color=f"C{i}", label=name)
     ax.fill_between(xs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+  paired = len(reference or {}) == len(series)  # one reference per series: same colour
   for i, (name, (mean, std)) in enumerate((reference or {}).items()):
-    color = f"C{i}"
+    color = f"C{i}" if paired else "gray"
     ax.axhline(mean, color=color, linestyle="--", label=name)
     ax.axhspan(mean - std, mean + std, color=color, alpha=0.1)
   ax.set(xlabel=xlabel, ylabel=ylabel)
