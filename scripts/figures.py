@@ -18,8 +18,9 @@ fig5 (Sec 4.5, needs scikit-learn: pip install -e '.[figures]'): 2-D t-SNE of th
   modality embeddings), one panel per run, the same --items sampled items in each; next to
   the mean cosine of each item's modality embeddings to its ID embedding (fig5.csv,
   fig5_points.csv, fig5.png).
-fig6 (Sec 4.5): 2-D t-SNE of --users users (the most active ones in train) with their train
-  items' embeddings in every modality, one panel per run (fig6.csv, fig6.png).
+fig6 (Sec 4.5): 2-D t-SNE of --users users (those with a median number of train items)
+  with their train items' embeddings in every modality, one panel per run (fig6.csv,
+  fig6.png).
 fig4 (Sec 4.4): one-way vs bidirectional alignment over theta, from a folder of runs that
   differ in fettle.bidirectional_threshold (run.py --sweep=fettle.bidirectional_threshold=
   -1,0,0.25,...; negative = one-way, the reference line): test Recall@10 and @20, mean ±
@@ -155,11 +156,19 @@ def fig5(out: str) -> list:
   return rows
 
 
+def typical_users(train_pairs: np.ndarray, n_users: int, count: int) -> np.ndarray:
+  """The `count` users whose number of train items is closest to the median (ties: lower
+  id): readable clouds, unlike the most active users' hundreds of items."""
+  degree = np.bincount(train_pairs[:, 0], minlength=n_users)
+  distance = np.abs(degree - np.median(degree[degree > 0]))
+  distance[degree == 0] = np.inf
+  return np.argsort(distance, kind="stable")[:count]
+
+
 def fig6(out: str) -> list:
   panels, points = [], []
   for label, _, run, arrays in labelled_runs():
-    degree = np.bincount(run.data.train[:, 0], minlength=run.data.n_users)
-    users = np.argsort(-degree, kind="stable")[:_USERS.value]  # the most active users
+    users = typical_users(run.data.train, run.data.n_users, _USERS.value)
     modalities = item_modalities(arrays)
     vectors, colour, marker = [], [], []
     for user in users:
