@@ -245,7 +245,8 @@ def write_grid_csv(path: str, x: str, y: str, panels: Dict[str, tuple]) -> None:
 
 
 def heatmap(path: str, x: str, y: str, panels: Dict[str, tuple], title: str) -> None:
-  """One heatmap per metric (annotated cells, the best cell of each panel boxed)."""
+  """One heatmap per metric (annotated cells). The cell with the best value of the FIRST
+  panel (put validation first) is boxed in every panel: selection by validation only."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
@@ -253,14 +254,15 @@ def heatmap(path: str, x: str, y: str, panels: Dict[str, tuple], title: str) -> 
   figure = Figure(figsize=(5.2 * len(panels), 4.4), dpi=100)
   FigureCanvasAgg(figure)
   axes = np.atleast_1d(figure.subplots(1, len(panels)))
+  first = next(iter(panels.values()))[2]
+  best_r, best_c = np.unravel_index(np.argmax(np.where(np.isnan(first), -np.inf, first)),
+                                    first.shape)
   for ax, (metric, (xs, ys, mean, count)) in zip(axes, panels.items()):
     image = ax.imshow(mean, origin="lower", cmap="viridis", aspect="auto")
     figure.colorbar(image, ax=ax, label=f"{metric} (mean over seeds)")
     ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
     ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
     ax.set(xlabel=x, ylabel=y, title=metric)
-    finite = np.where(np.isnan(mean), -np.inf, mean)
-    best_r, best_c = np.unravel_index(np.argmax(finite), mean.shape)
     spread = np.nanmax(mean) - np.nanmin(mean)
     for r in range(len(ys)):
       for c in range(len(xs)):
@@ -270,7 +272,7 @@ def heatmap(path: str, x: str, y: str, panels: Dict[str, tuple], title: str) -> 
                   va="center", fontsize=8, color="white" if light else "black")
     ax.add_patch(Rectangle((best_c - 0.5, best_r - 0.5), 1, 1, fill=False, edgecolor="red",
                            linewidth=2))
-  figure.suptitle(title)
+  figure.suptitle(f"{title}\nred box: best {next(iter(panels))}")
   figure.tight_layout()
   figure.savefig(path)
 
