@@ -18,7 +18,10 @@ Plots use matplotlib's Agg canvas directly (no global backend, no display).
 import csv
 from typing import Dict, List, Sequence, Tuple
 
+import jax.numpy as jnp
 import numpy as np
+
+from fettle_jax.alignment import fettle
 
 
 def _cosine(x: np.ndarray) -> np.ndarray:
@@ -186,15 +189,21 @@ def scatter_panels(path: str, panels: Sequence[tuple], title: str,
 
 def feedback_scores(users: np.ndarray, item_modalities: np.ndarray,
                     train_pairs: np.ndarray) -> np.ndarray:
-  """s_i^m (Eq. 2) over all of an item's train users instead of a batch's: the mean of the
-  item's users' embeddings dotted with i^m. users [n_users, L], item_modalities
-  [n_items, |M|, L], train_pairs int [n, 2] (user, item). Items without a train user: 0."""
+  """s_i^m (Eq. 2) over all of an item's train users instead of a batch's: FETTLE's own
+  `estimated_feedback`, with every item as one slot and every train pair as the batch.
+  users [n_users, L], item_modalities [n_items, |M|, L], train_pairs int [n, 2] (user,
+  item). Items without a train user: 0."""
   n_items = item_modalities.shape[0]
-  sums = np.zeros((n_items, users.shape[1]), np.float64)
-  np.add.at(sums, train_pairs[:, 1], users[train_pairs[:, 0]])
-  counts = np.bincount(train_pairs[:, 1], minlength=n_items)
-  mean_users = sums / np.maximum(counts, 1)[:, None]
-  return np.einsum("il,iml->im", mean_users, item_modalities)
+  pair_users, pair_items = np.asarray(train_pairs).T
+  counts = np.bincount(pair_items, minlength=n_items)
+  first_index = np.zeros(n_items, np.int64)
+  seen, first = np.unique(pair_items, return_index=True)
+  first_index[seen] = first
+  every_item = fettle.BatchItems(ids=np.arange(n_items), inverse=pair_items,
+                                 first_index=first_index, counts=counts, valid=counts > 0)
+  scores, _ = fettle.estimated_feedback(jnp.asarray(users)[pair_users],
+                                        jnp.asarray(item_modalities), every_item)
+  return np.asarray(scores)
 
 
 def planted_direction_agreement(scores_a: np.ndarray, scores_b: np.ndarray,

@@ -62,6 +62,10 @@ _ABLATION = flags.DEFINE_list("ablation", ["freedom"], "Backbones that get the T
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 1000, "Upper bound on epochs per table run.")
 _TUNE_MAX_EPOCHS = flags.DEFINE_integer("tune_max_epochs", 100, "Epoch cap of tuning runs.")
 _TUNE = flags.DEFINE_bool("tune", True, "Tune FETTLE; False uses the paper's best setting.")
+_SETTINGS = flags.DEFINE_list(
+    "settings", [], "Backbones whose FETTLE setting is given instead of tuned, as "
+    "backbone:tag with the tag of a tuning table, e.g. bpr:b0.01_a0.0001_tf0.2_tc0.1 (to "
+    "re-train a table from an earlier tuning without repeating it).")
 _ONLY_TABLE = flags.DEFINE_bool("only_table", False, "Do not train; tabulate what exists.")
 _TUNE_COORDINATES = flags.DEFINE_list(
     "tune_coordinates", ["beta", "alpha", "temperature_feedback", "temperature_cluster"],
@@ -106,6 +110,32 @@ METRIC_LABELS = {"recall@10": "R@10", "recall@20": "R@20", "ndcg@10": "N@10", "n
 
 def setting_tag(setting):
   return "_".join(f"{SHORT[k]}{setting[k]:g}" for k in GRID)
+
+
+def parse_setting_tag(tag):
+  """Inverse of `setting_tag`: 'b0.01_a0.0001_tf0.2_tc0.1' -> {'beta': 0.01, ...}."""
+  prefixes = {v: k for k, v in SHORT.items()}
+  setting = {}
+  for part in tag.split("_"):
+    prefix = part.rstrip("0123456789.e-+")
+    if prefix not in prefixes or prefix == part:
+      raise app.UsageError(f"--settings: bad part {part!r} in {tag!r}; expected "
+                           f"{'_'.join(v + '<value>' for v in SHORT.values())}")
+    setting[prefixes[prefix]] = float(part[len(prefix):])
+  if set(setting) != set(GRID):
+    raise app.UsageError(f"--settings: {tag!r} must give all of {sorted(SHORT.values())}")
+  return setting
+
+
+def given_settings():
+  """--settings as {backbone: setting}."""
+  settings = {}
+  for entry in _SETTINGS.value:
+    backbone, sep, tag = entry.partition(":")
+    if not sep:
+      raise app.UsageError(f"--settings: {entry!r} is not backbone:tag")
+    settings[backbone] = parse_setting_tag(tag)
+  return settings
 
 
 def claim(workdir):
@@ -200,14 +230,23 @@ def main(argv):
     raise app.UsageError(f"--tune_coordinates: unknown {unknown}; known: {sorted(GRID)}")
   for backbone in _BACKBONES.value:
     experiment_config(backbone)  # a missing config file fails now, not hours in
+  given = given_settings()
+  if set(given) - set(_BACKBONES.value):
+    raise app.UsageError(f"--settings names {sorted(set(given) - set(_BACKBONES.value))}, "
+                         "not in --backbones")
   tuning_lines = [f"Coordinate search over {', '.join(_TUNE_COORDINATES.value)}, seed 0, "
                   f"validation Recall@20, runs capped at {_TUNE_MAX_EPOCHS.value} epochs.", "",
                   "| backbone | coordinate | setting | valid R@20 | best epoch |",
                   "| --- | --- | --- | --- | --- |"]
   rows, cells = [], {}  # cells[(backbone, label)] = [metrics.json of each seed]
   for backbone in _BACKBONES.value:
-    setting = tune(backbone, tuning_lines) if _TUNE.value else dict(PAPER_BEST)
-    if _TUNE.value:
+    if backbone in given:
+      setting = given[backbone]
+      tuning_lines.append(f"| {backbone} | **given** (--settings) | {setting_tag(setting)} "
+                          "| | |")
+    else:
+      setting = tune(backbone, tuning_lines) if _TUNE.value else dict(PAPER_BEST)
+    if _TUNE.value or backbone in given:
       write(f"tuning_{'_'.join(_BACKBONES.value)}.md", tuning_lines)
     variants = VARIANTS + (ABLATION if backbone in _ABLATION.value else [])
     for label, stem, alignment, switches, setting_source in variants:

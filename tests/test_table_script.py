@@ -71,3 +71,20 @@ def test_configs_come_from_the_config_set_and_point_at_the_data_folder(table):
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["experiments", "--configs=nowhere"])
     table.experiment_config("bpr")
+
+
+def test_given_settings_round_trip_the_tuning_tags_and_reject_bad_ones(table):
+  tag = "b0.01_a0.0001_tf0.2_tc0.1"
+  setting = table.parse_setting_tag(tag)
+  assert setting == {"beta": 0.01, "alpha": 1e-4, "temperature_feedback": 0.2,
+                     "temperature_cluster": 0.1}
+  assert table.setting_tag(setting) == tag
+  assert table.parse_setting_tag("b1e-05_a0.001_tf0.1_tc0.05")["beta"] == 1e-5
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["experiments", "--backbones=a,b", f"--settings=a:{tag}"])
+  assert table.given_settings() == {"a": setting}
+  for bad in ("a", "a:b0.01_x3_tf0.2_tc0.1", "a:b0.01_a0.001"):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["experiments", f"--settings={bad}"])
+    with pytest.raises(Exception, match="--settings"):
+      table.given_settings()
