@@ -24,6 +24,9 @@ settings), pointed at --data when given.
    "Avg Delta Imp." rows over the backbones with every seed of all three variants; and
    `table_<backbones>.csv`, every metric's mean and std per cell.
 
+--settings=bpr:<tag> re-trains a backbone's table at a setting an earlier tuning chose
+(skipping the search); --variants=vanilla,+BM3 trains and tabulates only those rows.
+
 Every run lives in its own folder under --out, named by its settings; a finished run is
 reused, so the script resumes where it stopped. Several processes may share one --out:
 each claims a run before training it and skips runs claimed by another live process (run
@@ -66,6 +69,9 @@ _SETTINGS = flags.DEFINE_list(
     "settings", [], "Backbones whose FETTLE setting is given instead of tuned, as "
     "backbone:tag with the tag of a tuning table, e.g. bpr:b0.01_a0.0001_tf0.2_tc0.1 (to "
     "re-train a table from an earlier tuning without repeating it).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Table rows to train and tabulate, by label (vanilla, +BM3, +FETTLE, "
+    "+ILA, +CLA, +ILA&CLA, +ILA&CLA&DT); default: all.")
 _ONLY_TABLE = flags.DEFINE_bool("only_table", False, "Do not train; tabulate what exists.")
 _TUNE_COORDINATES = flags.DEFINE_list(
     "tune_coordinates", ["beta", "alpha", "temperature_feedback", "temperature_cluster"],
@@ -136,6 +142,31 @@ def given_settings():
       raise app.UsageError(f"--settings: {entry!r} is not backbone:tag")
     settings[backbone] = parse_setting_tag(tag)
   return settings
+
+
+def check_flags():
+  """Fails at start, not hours in, on a bad flag or a missing config; returns --settings."""
+  unknown = sorted(set(_TUNE_COORDINATES.value) - set(GRID))
+  if unknown:
+    raise app.UsageError(f"--tune_coordinates: unknown {unknown}; known: {sorted(GRID)}")
+  for backbone in _BACKBONES.value:
+    experiment_config(backbone)
+  labels = [v[0] for v in VARIANTS + ABLATION]
+  if set(_VARIANTS.value) - set(labels):
+    raise app.UsageError(f"--variants: unknown {sorted(set(_VARIANTS.value) - set(labels))}; "
+                         f"known: {labels}")
+  given = given_settings()
+  if set(given) - set(_BACKBONES.value):
+    raise app.UsageError(f"--settings names {sorted(set(given) - set(_BACKBONES.value))}, "
+                         "not in --backbones")
+  return given
+
+
+def table_variants(backbone):
+  """The rows trained for `backbone`: Table 2's, Table 3's on --ablation backbones, as
+  filtered by --variants."""
+  variants = VARIANTS + (ABLATION if backbone in _ABLATION.value else [])
+  return [v for v in variants if not _VARIANTS.value or v[0] in _VARIANTS.value]
 
 
 def claim(workdir):
@@ -225,15 +256,7 @@ def write(name, lines):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  unknown = sorted(set(_TUNE_COORDINATES.value) - set(GRID))
-  if unknown:
-    raise app.UsageError(f"--tune_coordinates: unknown {unknown}; known: {sorted(GRID)}")
-  for backbone in _BACKBONES.value:
-    experiment_config(backbone)  # a missing config file fails now, not hours in
-  given = given_settings()
-  if set(given) - set(_BACKBONES.value):
-    raise app.UsageError(f"--settings names {sorted(set(given) - set(_BACKBONES.value))}, "
-                         "not in --backbones")
+  given = check_flags()
   tuning_lines = [f"Coordinate search over {', '.join(_TUNE_COORDINATES.value)}, seed 0, "
                   f"validation Recall@20, runs capped at {_TUNE_MAX_EPOCHS.value} epochs.", "",
                   "| backbone | coordinate | setting | valid R@20 | best epoch |",
@@ -244,12 +267,13 @@ def main(argv):
       setting = given[backbone]
       tuning_lines.append(f"| {backbone} | **given** (--settings) | {setting_tag(setting)} "
                           "| | |")
-    else:
-      setting = tune(backbone, tuning_lines) if _TUNE.value else dict(PAPER_BEST)
+    elif _TUNE.value and any(v[4] == "tuned" for v in table_variants(backbone)):
+      setting = tune(backbone, tuning_lines)
+    else:  # --notune, or no tuned row asked for
+      setting = dict(PAPER_BEST)
     if _TUNE.value or backbone in given:
       write(f"tuning_{'_'.join(_BACKBONES.value)}.md", tuning_lines)
-    variants = VARIANTS + (ABLATION if backbone in _ABLATION.value else [])
-    for label, stem, alignment, switches, setting_source in variants:
+    for label, stem, alignment, switches, setting_source in table_variants(backbone):
       fettle_setting = {"tuned": setting, "paper": PAPER_BEST, None: {}}[setting_source]
       if fettle_setting is None:
         continue  # not tuned yet (--only_table)

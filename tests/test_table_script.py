@@ -88,3 +88,22 @@ def test_given_settings_round_trip_the_tuning_tags_and_reject_bad_ones(table):
     flags.FLAGS(["experiments", f"--settings={bad}"])
     with pytest.raises(Exception, match="--settings"):
       table.given_settings()
+
+
+def test_variants_filter_the_rows_and_bad_flags_fail_at_start(table):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["experiments", "--backbones=bpr,freedom", "--ablation=freedom",
+               "--variants=vanilla,+CLA"])
+  assert [v[0] for v in table.table_variants("bpr")] == ["vanilla"]
+  assert [v[0] for v in table.table_variants("freedom")] == ["vanilla", "+CLA"]
+  assert table.check_flags() == {}
+  for bad, message in (("--variants=+XYZ", "--variants"),
+                       ("--settings=lightgcn:b0.01_a0.0001_tf0.2_tc0.1", "not in --backbones"),
+                       ("--tune_coordinates=gamma", "--tune_coordinates")):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["experiments", "--backbones=bpr", bad])
+    with pytest.raises(Exception, match=message):
+      table.check_flags()
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["experiments", "--backbones=bpr,freedom"])
+  assert len(table.table_variants("freedom")) == 7 and len(table.table_variants("bpr")) == 3
