@@ -142,10 +142,14 @@ def build_step(data, backbone_name, variant):
     static = layout.static.logical(static)
     batches = layout.constrain_batches(batches)
 
-    def body(state, batch):
-      state, losses = step(state, static, Batch(*batch), jax.random.PRNGKey(0))
+    # Each step's rng differs, as in train.py's epoch: with one constant key XLA hoists
+    # rng-only work (FREEDOM's pruned graph) out of the loop and the step looks cheaper.
+    def body(state, xs):
+      batch, index = xs
+      state, losses = step(state, static, Batch(*batch),
+                           jax.random.fold_in(jax.random.PRNGKey(0), index))
       return state, losses
-    return jax.lax.scan(body, state, tuple(batches))
+    return jax.lax.scan(body, state, (tuple(batches), jnp.arange(batches[0].shape[0])))
 
   steps = train.under_mesh(jax.jit(steps, donate_argnums=0, out_shardings=(
       layout.state.shardings, layout.replicated())), layout.mesh)

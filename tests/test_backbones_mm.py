@@ -145,6 +145,23 @@ def test_sampling_without_replacement_follows_successive_draw_law():
   np.testing.assert_allclose(frequency, exact, atol=0.015)
 
 
+def test_top_k_index_set_equals_sorted_lax_top_k_with_ties_and_extremes():
+  """The pruning's top-k replacement returns exactly jnp.sort(lax.top_k(v, k)[1])."""
+  rng = np.random.default_rng(0)
+  select = jax.jit(graphs.top_k_index_set, static_argnums=1)
+  for trial in range(60):
+    n = int(rng.integers(1, 200))
+    k = int(rng.integers(1, n + 1))
+    values = [rng.normal(size=n),                                   # distinct
+              rng.integers(-3, 3, size=n).astype(float),            # many ties
+              np.full(n, 2.5),                                      # all tied
+              np.where(rng.random(n) < 0.5, -1e30, 1e-30) * rng.random(n),
+              np.where(rng.random(n) < 0.2, -np.inf, rng.normal(size=n))][trial % 5]
+    values = jnp.asarray(values, jnp.float32)
+    want = np.sort(np.asarray(jax.lax.top_k(values, k)[1]))
+    np.testing.assert_array_equal(np.asarray(select(values, k)), want)
+
+
 def test_pruning_drops_low_weight_edges_more_often():
   pairs = random_pairs()
   edges = graphs.bipartite_edges(pairs[:, 0], pairs[:, 1], N_USERS, N_ITEMS)
