@@ -402,7 +402,8 @@ def sample_without_replacement(rng: Array, log_weights: Array, n_keep: int) -> A
 
 
 def _order_preserving_uint32(x: Array) -> Array:
-  """float32 -> uint32 with a < b  <=>  f(a) < f(b) (finite values; -0.0 sorts below +0.0)."""
+  """float32 -> uint32 with a < b  <=>  f(a) < f(b), infinities included (no NaN); -0.0 sorts
+  below +0.0, where a float comparison calls them equal."""
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
   negative = (bits >> 31) == 1
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
@@ -411,8 +412,9 @@ def _order_preserving_uint32(x: Array) -> Array:
 def top_k_index_set(values: Array, k: int) -> Array:
   """jnp.sort(lax.top_k(values, k)[1]) for a 1-D float array, without a top-k or a sort.
 
-  The same indices (ties to the lower index, as lax.top_k), found as everything above the
-  k-th largest value plus the first ties at it. The k-th largest is built bit by bit on an
+  The same indices for non-NaN values (ties to the lower index, as lax.top_k; only -0.0
+  and +0.0 count as distinct here, a zero-probability case for Gumbel keys), found as
+  everything above the k-th largest value plus the first ties at it. The k-th largest is built bit by bit on an
   order-preserving uint32 image of the values (32 counting passes); the indices come out
   ascending from a mask. XLA's CPU top-k of 16k of 80k values (FREEDOM's pruned graph,
   every step) costs ~5 ms; this costs a fraction of it.
