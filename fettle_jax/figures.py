@@ -196,11 +196,8 @@ def feedback_scores(users: np.ndarray, item_modalities: np.ndarray,
   n_items = item_modalities.shape[0]
   pair_users, pair_items = np.asarray(train_pairs).T
   counts = np.bincount(pair_items, minlength=n_items)
-  first_index = np.zeros(n_items, np.int64)
-  seen, first = np.unique(pair_items, return_index=True)
-  first_index[seen] = first
-  every_item = fettle.BatchItems(ids=np.arange(n_items), inverse=pair_items,
-                                 first_index=first_index, counts=counts, valid=counts > 0)
+  every_item = fettle.BatchItems(ids=np.arange(n_items), inverse=pair_items, counts=counts,
+                                 valid=counts > 0)
   scores, _ = fettle.estimated_feedback(jnp.asarray(users)[pair_users],
                                         jnp.asarray(item_modalities), every_item)
   return np.asarray(scores)

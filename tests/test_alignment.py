@@ -409,6 +409,23 @@ def test_unique_items_fill_a_prefix_of_the_buffer():
   assert 0 < n_valid < valid.size and valid[:n_valid].all() and not valid[n_valid:].any()
 
 
+@pytest.mark.parametrize("batch_size,n_items", [(16, 9), (16, 16), (16, 40), (64, 3), (8, 1000),
+                                               (32, 600)])
+def test_unique_batch_items_equal_jnp_unique(batch_size, n_items):
+  """The catalogue pass (n_items <= 16 B) and the sort give jnp.unique's values and padding."""
+  rng = np.random.default_rng(batch_size * n_items)
+  for trial in range(20):
+    high = [1, 2, n_items][trial % 3]  # one id repeated, two ids, the whole catalogue
+    items = jnp.asarray(rng.integers(0, high, batch_size), jnp.int32)
+    got = jax.jit(fettle.unique_batch_items, static_argnums=1)(items, n_items)
+    ids, inverse, counts = jnp.unique(items, size=min(batch_size, n_items),
+                                      return_inverse=True, return_counts=True)
+    for name, expected in (("ids", ids), ("inverse", inverse), ("counts", counts),
+                           ("valid", counts > 0)):
+      np.testing.assert_array_equal(getattr(got, name), expected, err_msg=name)
+      assert getattr(got, name).dtype == expected.dtype, name
+
+
 def test_bucket_sizes_are_static_and_end_at_capacity():
   assert fettle.bucket_sizes(1682) == [448, 896, 1280, 1682]
   assert fettle.bucket_sizes(2048) == [512, 1024, 1536, 2048]

@@ -98,20 +98,37 @@ def residual_ffn(params: dict, x: Array) -> Array:
 
 class BatchItems(NamedTuple):
   """The batch's unique positive items in a fixed-size buffer of B slots (sorted by id)."""
-  ids: Array          # int32 [B]; padding slots repeat a valid id (safe to gather)
+  ids: Array          # int32 [B]; padding slots repeat the smallest id (safe to gather)
   inverse: Array      # int32 [B]; pair b -> its item's slot
-  first_index: Array  # int32 [B]; slot -> first pair holding that item
   counts: Array       # int32 [B]; pairs per slot, 0 on padding
   valid: Array        # bool [B]; slot holds a real item
 
 
+# Up to this many catalogue ids per batch pair, a pass over the catalogue beats sorting the
+# batch (XLA:CPU sorts 2048 ids in ~0.5 ms; a count over 10k ids takes a few us).
+_CATALOGUE_PASS_MAX_IDS_PER_PAIR = 16
+
+
 def unique_batch_items(batch_items: Array, n_items: int = None) -> BatchItems:
+  """`jnp.unique(batch_items, size=min(B, n_items))` with inverse and counts (same values,
+  same padding); ids must lie in [0, n_items)."""
   # A batch holds at most min(B, n_items) distinct items: a static bound that shrinks every
   # [U, U] ILA matrix on catalogues smaller than the batch (ml100k: 1682 < 2048).
-  size = batch_items.shape[0] if n_items is None else min(batch_items.shape[0], n_items)
-  ids, first_index, inverse, counts = jnp.unique(
-      batch_items, size=size, return_index=True, return_inverse=True, return_counts=True)
-  return BatchItems(ids, inverse.reshape(-1), first_index, counts, counts > 0)
+  batch_size = batch_items.shape[0]
+  size = batch_size if n_items is None else min(batch_size, n_items)
+  if n_items is None or n_items > _CATALOGUE_PASS_MAX_IDS_PER_PAIR * batch_size:
+    ids, inverse, counts = jnp.unique(batch_items, size=size, return_inverse=True,
+                                      return_counts=True)
+    return BatchItems(ids, inverse.reshape(-1), counts, counts > 0)
+  # Without a sort: count each catalogue id, number the present ones in id order.
+  count_of_id = jax.ops.segment_sum(jnp.ones_like(batch_items), batch_items,
+                                    num_segments=n_items)
+  present = count_of_id > 0
+  slot_of_id = jnp.cumsum(present.astype(jnp.int32)) - 1
+  ids = jnp.nonzero(present, size=size)[0].astype(batch_items.dtype)
+  valid = jnp.arange(size) <= slot_of_id[-1]
+  ids = jnp.where(valid, ids, ids[0])
+  return BatchItems(ids, slot_of_id[batch_items], jnp.where(valid, count_of_id[ids], 0), valid)
 
 
 def segment_mean(values: Array, segment_ids: Array, counts: Array) -> Array:
