@@ -105,7 +105,7 @@ class BatchItems(NamedTuple):
 
 
 # Up to this many catalogue ids per batch pair, a pass over the catalogue beats sorting the
-# batch (XLA:CPU sorts 2048 ids in ~0.5 ms; a count over 10k ids takes a few us).
+# batch (XLA:CPU, 2,048 ids: sort 0.57-0.80 ms, count over 943-19,445 ids 0.12-0.32 ms).
 _CATALOGUE_PASS_MAX_IDS_PER_PAIR = 16
 
 
