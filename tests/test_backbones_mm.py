@@ -149,17 +149,18 @@ def test_top_k_index_set_equals_sorted_lax_top_k_with_ties_and_extremes():
   """The pruning's top-k replacement returns exactly jnp.sort(lax.top_k(v, k)[1])."""
   rng = np.random.default_rng(0)
   select = jax.jit(graphs.top_k_index_set, static_argnums=1)
-  for trial in range(60):
-    n = int(rng.integers(1, 200))
-    k = int(rng.integers(1, n + 1))
-    values = [rng.normal(size=n),                                   # distinct
-              rng.integers(-3, 3, size=n).astype(float),            # many ties
-              np.full(n, 2.5),                                      # all tied
-              np.where(rng.random(n) < 0.5, -1e30, 1e-30) * rng.random(n),
-              np.where(rng.random(n) < 0.2, -np.inf, rng.normal(size=n))][trial % 5]
-    values = jnp.asarray(values, jnp.float32)
-    want = np.sort(np.asarray(jax.lax.top_k(values, k)[1]))
-    np.testing.assert_array_equal(np.asarray(select(values, k)), want)
+  # A few static shapes (each compiles once), every value family and several draws on each:
+  # k = 1, k = n, n = 1, odd and power-of-two sizes.
+  for n, k in [(1, 1), (2, 1), (7, 7), (50, 1), (50, 17), (128, 64), (199, 100), (199, 199)]:
+    for trial in range(10):
+      values = [rng.normal(size=n),                                   # distinct
+                rng.integers(-3, 3, size=n).astype(float),            # many ties
+                np.full(n, 2.5),                                      # all tied
+                np.where(rng.random(n) < 0.5, -1e30, 1e-30) * rng.random(n),
+                np.where(rng.random(n) < 0.2, -np.inf, rng.normal(size=n))][trial % 5]
+      values = jnp.asarray(values, jnp.float32)
+      want = np.sort(np.asarray(jax.lax.top_k(values, k)[1]))
+      np.testing.assert_array_equal(np.asarray(select(values, k)), want, err_msg=f"n={n} k={k}")
 
 
 def test_pruning_drops_low_weight_edges_more_often():
