@@ -340,7 +340,7 @@ def test_freedom_baby_config_is_freedom_with_fettle_at_paper_setting():
 def test_freedom_prunes_once_per_epoch_through_the_epoch_hook(tiny_mmrec, tmp_path):
   """prune_every='epoch' (MMRec's schedule): one graph per epoch, in the model state; the
   epoch still compiles once, and a killed run resumes to the same metrics."""
-  config = tiny_run_config(freedom_baby, tiny_mmrec, alignment="fettle")
+  config = tiny_run_config(freedom_baby, tiny_mmrec, alignment="none")
   config.freedom.prune_every = "epoch"
   config.max_epochs, config.checkpoint_every_epochs, config.patience = 4, 1, 100
   data = train.load_data(config)
