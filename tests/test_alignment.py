@@ -535,8 +535,8 @@ def test_ila_stop_gradient_keeps_target_modality_fixed():
   cfg = make_config(use_dt=False, use_cla=False)
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
 
-  ila_grad = jax.jit(jax.grad(
-      lambda r: fettle.loss(params, r, features, batch, None, cfg)[1]["ila"]))
+  ila_grad = jax.jit(jax.grad(  # only ILA is on: the total is beta L^ILA
+      lambda r: fettle.loss(params, r, features, batch, None, cfg)[0]))
   grads = ila_grad(reps)
   # ID is only ever the target sg(i^ID) of image -> ID, and users only pick directions.
   np.testing.assert_array_equal(np.asarray(grads.items), 0.0)
@@ -549,6 +549,34 @@ def test_ila_stop_gradient_keeps_target_modality_fixed():
   grads = ila_grad(flipped)
   assert np.abs(np.asarray(grads.items)).sum() > 0
   np.testing.assert_array_equal(np.asarray(grads.modality_items["image"]), 0.0)
+
+
+def test_gradient_is_of_the_weighted_total_and_its_weights():
+  """One gradient of sum_t w_t L_t (the terms share their backward work): it equals the
+  weighted sum of each term's own gradient, the weights' gradients are the terms, and a
+  per-term value, which carries none, refuses to be differentiated."""
+  data_info, reps, features, batch = make_problem(seed=6)
+  cfg = make_config()
+  params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
+  inputs, index, layout = fettle.prepare_terms(params, reps, features, batch, cfg.fettle)
+  weights = {"ila": 0.7, "dt": -0.2, "cla_itv": 1.3, "cla_ui": 0.4}
+
+  def weighted(x, w):
+    return fettle.alignment_terms(x, index, layout, cfg.fettle, w)
+
+  (_, terms), (grad_x, grad_w) = jax.jit(jax.value_and_grad(weighted, argnums=(0, 1),
+                                                            has_aux=True))(inputs, weights)
+  # Each term's own gradient (weight 1 on it, 0 elsewhere), all four in one program.
+  one_hot = {t: jnp.asarray([float(t == name) for name in weights]) for t in weights}
+  each = jax.jit(jax.vmap(jax.grad(lambda x, w: weighted(x, w)[0]), in_axes=(None, 0)))(
+      inputs, one_hot)
+  want = jax.tree_util.tree_map(
+      lambda g: jnp.tensordot(jnp.asarray(list(weights.values())), g, axes=1), each)
+  chex.assert_trees_all_close(grad_x, want, **TOL)
+  chex.assert_trees_all_close(grad_w, {t: terms[t] for t in weights}, **TOL)
+  with pytest.raises(ValueError, match="per-term values carry no gradient"):
+    jax.grad(lambda x: fettle.alignment_terms(x, index, layout, cfg.fettle, weights)[1]["ila"])(
+        inputs)
 
 
 def test_dt_gradient_reaches_users_sources_and_projectors():

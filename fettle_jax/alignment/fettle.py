@@ -513,9 +513,21 @@ def enabled_terms(n_modalities: int, cfg) -> List[str]:
   return [name for name in TERMS if switches[name] and (item_level or name == "cla_ui")]
 
 
+def item_level_queries(inputs: TermInputs, index: TermIndex, layout: TermLayout,
+                       cfg) -> DirectionQueries:
+  """The directions (Eq. 5) and aligned embeddings i^{m->n} (Eq. 3) that ILA and DT share."""
+  directions = alignment_directions(index.scores, index.valid, cfg.directions,
+                                    cfg.bidirectional_threshold)
+  return direction_queries(inputs.ffn, inputs.embeddings, directions, layout.names,
+                           both_ways=not bidirectional_off(cfg.bidirectional_threshold))
+
+
 def alignment_term(name: str, inputs: TermInputs, index: TermIndex, layout: TermLayout,
-                   cfg) -> Array:
-  """One unweighted term: L^ILA, L^DT (Eq. 3-6), L_ITV^CLA (Eq. 7-8) or L_UI^CLA (Eq. 9)."""
+                   cfg, directed: DirectionQueries = None) -> Array:
+  """One unweighted term: L^ILA, L^DT (Eq. 3-6), L_ITV^CLA (Eq. 7-8) or L_UI^CLA (Eq. 9).
+
+  directed: `item_level_queries` when the caller shares them between ILA and DT.
+  """
   names = layout.names
   if name == "cla_ui":
     users = ClusterSide(inputs.users, index.user_of_pair, index.user_counts)
@@ -530,10 +542,8 @@ def alignment_term(name: str, inputs: TermInputs, index: TermIndex, layout: Term
     return item_cluster_alignment_loss(inputs.embeddings, inputs.codebook_item, index.valid,
                                        cfg.temperature_cluster, cfg.sinkhorn_iterations,
                                        cfg.sinkhorn_epsilon)
-  directions = alignment_directions(index.scores, index.valid, cfg.directions,
-                                    cfg.bidirectional_threshold)
-  directed = direction_queries(inputs.ffn, inputs.embeddings, directions, names,
-                               both_ways=not bidirectional_off(cfg.bidirectional_threshold))
+  if directed is None:
+    directed = item_level_queries(inputs, index, layout, cfg)
   if name == "dt":
     return direction_tuning_loss(directed, inputs.mean_users, index.valid, len(names),
                                  cfg.dt_similarity == "cosine")
@@ -544,6 +554,17 @@ def alignment_term(name: str, inputs: TermInputs, index: TermIndex, layout: Term
     keys, positive, key_mask = index.all_keys, index.ids, None
   return item_level_alignment_loss(directed, keys, positive, key_mask, index.valid,
                                    cfg.temperature_feedback)
+
+
+def prefix_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout, cfg,
+                 enabled: Sequence[str]) -> Dict[str, Array]:
+  """The enabled terms on one prefix. ILA and DT share one set of direction queries, so
+  under one gradient their cotangents meet before the residual FFNs: one backward pass
+  through f^{m->n} instead of two (ml100k FREEDOM shapes: ILA + DT 13.6 -> 11.7 ms)."""
+  directed = None
+  if "ila" in enabled or "dt" in enabled:
+    directed = item_level_queries(inputs, index, layout, cfg)
+  return {name: alignment_term(name, inputs, index, layout, cfg, directed) for name in enabled}
 
 
 def bucket_sizes(capacity: int, n_buckets: int = 4, multiple: int = 64) -> List[int]:
@@ -593,10 +614,10 @@ def bucket_prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
   return inputs, index
 
 
-def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
-                    cfg, grid_axis: str = "") -> Dict[str, Array]:
-  """Every unweighted term, on the smallest static prefix of the unique-item buffer that
-  holds every valid slot.
+def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout, cfg,
+                    weights: Dict[str, Any], grid_axis: str = "") -> Tuple[Array, Dict[str, Array]]:
+  """sum_t weights[t] L_t over the enabled terms, and every unweighted term L_t, on the
+  smallest static prefix of the unique-item buffer that holds every valid slot.
 
   The buffer has U = min(B, n_items) slots, but a batch usually fills far fewer (ml100k:
   ~745 of 1682; Baby: ~1460 of 2048), and ILA's [U, U] logits cost O(U^2). Valid slots
@@ -607,9 +628,11 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
   Differentiating through a `lax.switch` makes every branch emit the residuals of every
   other branch (zero-filled [U, U] buffers of the largest size, written each step). So the
   gradient is taken *inside* the chosen branch, in the forward pass (`jax.custom_vjp`):
-  each term's gradient with respect to the inputs comes out of the switch, and the
-  backward pass only scales them by the incoming cotangents. Exact, and each term keeps
-  its own gradient (any cotangent on any term is honoured).
+  the weighted total's gradient with respect to the inputs comes out of the switch, and
+  the backward pass only scales it by the total's cotangent. One gradient of the weighted
+  sum (not one per term) lets the terms share their backward work (`prefix_terms`). The
+  weights get their exact gradient (the terms); the per-term values are for reporting:
+  differentiating one of them raises (weight that term instead).
 
   Under fettle_jax/grid.py's vmap over settings (`grid_axis` names its axis), a per-setting
   branch index would turn the switch into a select that runs every branch; the branch is
@@ -618,7 +641,8 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
   zero = jnp.zeros((), inputs.embeddings.dtype)
   enabled = enabled_terms(len(layout.names), cfg)
   if not enabled:
-    return {name: zero for name in TERMS}
+    return zero, {name: zero for name in TERMS}
+  weights = {name: jnp.asarray(weights[name], zero.dtype) for name in enabled}
   user_capacity = inputs.users.shape[0]
   typical_users = cfg.typical_batch_users if index.user_counts is not None else 0
   sizes = buckets(index.valid.shape[0], user_capacity, cfg.typical_batch_items, typical_users)
@@ -631,44 +655,53 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout,
   if grid_axis:
     chosen = jax.lax.pmax(chosen, grid_axis)  # sizes grow with the index: fits all settings
 
-  def run(branches, inputs, index):
+  def run(branches, *args):
     if len(branches) == 1:
-      return branches[0](inputs, index)
-    return jax.lax.switch(chosen, branches, inputs, index)
+      return branches[0](*args)
+    return jax.lax.switch(chosen, branches, *args)
+
+  def weighted_terms(bucket, inputs, index, weights):
+    values = prefix_terms(*bucket_prefix(inputs, index, bucket), layout, cfg, enabled)
+    return sum(weights[name] * values[name] for name in enabled), values
 
   def values_branch(bucket):
-    def values(inputs, index):
-      inputs, index = bucket_prefix(inputs, index, bucket)
-      return {name: alignment_term(name, inputs, index, layout, cfg) for name in enabled}
-    return values
+    return lambda inputs, index, weights: weighted_terms(bucket, inputs, index, weights)
 
-  def values_and_grads_branch(bucket):
-    def values_and_grads(inputs, index):
-      out = {}
-      for name in enabled:  # the prefix is taken inside: gradients keep the full shape
-        term = lambda x, name=name: alignment_term(name, *bucket_prefix(x, index, bucket),
-                                                   layout, cfg)
-        out[name] = jax.value_and_grad(term)(inputs)
-      return ({name: v for name, (v, _) in out.items()},
-              {name: g for name, (_, g) in out.items()})
-    return values_and_grads
+  def values_and_grad_branch(bucket):
+    def values_and_grad(inputs, index, weights):
+      # The prefix is taken inside: the gradient keeps the inputs' full shape.
+      return jax.value_and_grad(lambda x: weighted_terms(bucket, x, index, weights),
+                                has_aux=True)(inputs)
+    return values_and_grad
 
   @jax.custom_vjp
-  def terms(inputs, index):
-    return run([values_branch(b) for b in sizes], inputs, index)
+  def terms(inputs, index, weights):
+    return run([values_branch(b) for b in sizes], inputs, index, weights)
 
-  def terms_fwd(inputs, index):
-    return run([values_and_grads_branch(b) for b in sizes], inputs, index)
+  def terms_fwd(inputs, index, weights):
+    inputs, index, weights = jax.custom_derivatives.custom_vjp_primal_tree_values(
+        (inputs, index, weights))
+    (total, values), grad = run([values_and_grad_branch(b) for b in sizes], inputs, index,
+                                weights)
+    return (total, values), (grad, values)
 
-  def terms_bwd(grads, cotangents):
-    scaled = [jax.tree_util.tree_map(lambda g, c=cotangents[name]: c * g, grads[name])
-              for name in enabled]
-    total = jax.tree_util.tree_map(lambda *g: sum(g), *scaled)
-    return total, None
+  def terms_bwd(residuals, cotangents):
+    grad, values = residuals
+    total_cotangent, value_cotangents = cotangents
+    differentiated = [name for name, c in value_cotangents.items()
+                      if not isinstance(c, jax.custom_derivatives.SymbolicZero)]
+    if differentiated:
+      raise ValueError(f"FETTLE's per-term values carry no gradient (got one on "
+                       f"{differentiated}): differentiate the weighted total, with weight on "
+                       "the terms you want")
+    if isinstance(total_cotangent, jax.custom_derivatives.SymbolicZero):
+      return None, None, None
+    return (jax.tree_util.tree_map(lambda g: total_cotangent * g, grad), None,
+            {name: total_cotangent * values[name] for name in values})
 
-  terms.defvjp(terms_fwd, terms_bwd)
-  values = terms(inputs, index)
-  return {name: values.get(name, zero) for name in TERMS}
+  terms.defvjp(terms_fwd, terms_bwd, symbolic_zeros=True)
+  total, values = terms(inputs, index, weights)
+  return total, {name: values.get(name, zero) for name in TERMS}
 
 
 # --------------------------------------------------------------------------- plug-in API
@@ -762,8 +795,6 @@ def loss(params: Params, reps: Representations, features: Dict[str, Array], batc
   del rng  # FETTLE is deterministic given the batch
   cfg = config.fettle
   check_config(cfg)
-  terms = alignment_terms(*prepare_terms(params, reps, features, batch, cfg), cfg,
-                          config.get("grid_axis", ""))
-  total = (cfg.alpha * (terms["cla_ui"] + terms["cla_itv"])
-           + cfg.beta * (terms["ila"] + terms["dt"]))
-  return total, terms
+  weights = {"cla_ui": cfg.alpha, "cla_itv": cfg.alpha, "ila": cfg.beta, "dt": cfg.beta}
+  return alignment_terms(*prepare_terms(params, reps, features, batch, cfg), cfg, weights,
+                         config.get("grid_axis", ""))
