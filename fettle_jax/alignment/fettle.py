@@ -15,8 +15,9 @@ Choices where the paper is ambiguous (each also noted at the code):
   over items" is a mean over the valid unique items (|I| = their number), so loss scales
   do not grow with B. Every term runs on the smallest of a few static prefixes of that
   buffer that holds every valid slot (`alignment_terms`, exact; the first prefix is sized
-  from the data by `fit_static_shapes`), with its gradient taken inside the chosen branch
-  (`jax.custom_vjp`: reverse-mode differentiation only).
+  from the data by `fit_static_shapes`), with the gradient of the weighted total (Eq. 11's
+  alpha, beta) taken inside the chosen branch (`jax.custom_vjp`: reverse-mode only; the
+  per-term values in `aux` are for reporting and refuse to be differentiated).
 - Ties in Eq. 5: on s_i^m == s_i^n the modality with the lower index in M is the lower
   one, so every unordered pair gets exactly one direction.
 - Eq. 4 is printed without a minus sign; we minimize -log softmax (InfoNCE).
