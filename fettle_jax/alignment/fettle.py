@@ -561,7 +561,7 @@ def prefix_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout, cfg,
                  enabled: Sequence[str]) -> Dict[str, Array]:
   """The enabled terms on one prefix. ILA and DT share one set of direction queries, so
   under one gradient their cotangents meet before the residual FFNs: one backward pass
-  through f^{m->n} instead of two (ml100k FREEDOM shapes: ILA + DT 13.6 -> 11.7 ms)."""
+  through f^{m->n} instead of two (ml100k FREEDOM shapes: ILA + DT 13.4-13.8 -> 11.5-12.0 ms)."""
   directed = None
   if "ila" in enabled or "dt" in enabled:
     directed = item_level_queries(inputs, index, layout, cfg)
@@ -593,8 +593,8 @@ def buckets(item_capacity: int, user_capacity: int, typical_items: int = 0,
   1,682 slots, typical 800), so almost every step runs on ~its true size, and the rare
   larger batch pays the full buffer once rather than every run compiling the quarter
   sizes in between (each branch is a copy of every term and its gradient: ml100k
-  FREEDOM+FETTLE's epoch compiled in 22-23 s with 4 branches, 15 s with 2; 0 of 3,900
-  sampled ml100k batches exceed the typical branch).
+  FREEDOM+FETTLE's first epoch without a compilation cache, 4 branches 18.5-22.3 s, 2
+  branches 10.1-11.6 s; 0 of 3,900 sampled ml100k batches exceed the typical branch).
   """
   if 0 < typical_items < item_capacity:
     return [Bucket(typical_items, min(typical_users or user_capacity, user_capacity)),
