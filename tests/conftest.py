@@ -6,14 +6,21 @@ import sys
 import numpy as np
 import pytest
 
-# The suite compiles hundreds of small programs and runs each on tiny data, so LLVM's
-# optimization passes cost more than they save: level 0 cuts a tiny FETTLE epoch's compile
-# from 13.4 to 7.8 s (2-core CPU, 2026-12-02). Float semantics are XLA's either way (no
-# fast-math at any level); run.py and the scripts keep the default level. Set before JAX
-# starts (child processes of the tests inherit it); a level the caller set wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+# The suite compiles hundreds of small programs (and, eagerly, every op outside a jit) and
+# runs each on tiny data, so compile time is most of its wall time. Two XLA:CPU settings cut
+# it; neither changes float semantics (no fast-math), and run.py and the scripts keep XLA's
+# defaults, which run faster once compiled:
+# - LLVM optimization level 0: a tiny FETTLE epoch's compile 13.4 -> 7.8 s (2026-12-02);
+# - the legacy loop emitters instead of the MLIR fusion emitters: 31-32 -> 17-21 ms to
+#   compile one eager op, the suite 5 min 41 s -> 3 min 57 s (2-core CPU, 2026-12-03), but
+#   ml100k FETTLE steps ~1.3x slower (scripts/benchmark_steps.py), hence tests only.
+# Set before JAX starts (child processes of the tests inherit them); a value the caller set
+# wins.
+_TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")]
+    + [f"--{flag}={value}" for flag, value in _TEST_XLA_FLAGS.items()
+       if flag not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
