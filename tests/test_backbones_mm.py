@@ -301,11 +301,13 @@ def test_freedom_pruned_apply_propagates_on_sampled_graph():
   # With pruning on, apply must equal the same equations on the graph it sampled.
   config, _, _, graph, params, batch = setup_backbone(freedom, freedom_baby, dropout=0.6)
   rng = jax.random.PRNGKey(5)
-  pruned = graphs.pruned_user_item_graph(rng, graph.graph["edges"], N_USERS, N_ITEMS, 0.6)
-  reps, _ = freedom.apply(params, {}, graph, batch, rng, config)
-  expected = freedom._forward(params, graph, pruned, config)  # pylint: disable=protected-access
+  # Each side in one jitted program (eagerly, every op would compile on its own).
+  reps, _ = jax.jit(lambda: freedom.apply(params, {}, graph, batch, rng, config))()
+  expected = jax.jit(lambda: freedom._forward(  # pylint: disable=protected-access
+      params, graph, graphs.pruned_user_item_graph(rng, graph.graph["edges"], N_USERS, N_ITEMS,
+                                                   0.6), config))()
   np.testing.assert_allclose(reps.users, expected.users, rtol=1e-6)
-  full = freedom.represent(params, {}, graph, config)
+  full = jax.jit(lambda: freedom.represent(params, {}, graph, config))()
   assert not np.allclose(reps.users, full.users)
 
 
@@ -352,8 +354,9 @@ def test_freedom_prunes_once_per_epoch_through_the_epoch_hook(tiny_mmrec, tmp_pa
                                               run.state.model_state, run.static, batch, r,
                                               run.config)[1])
   assert float(step_loss(jax.random.PRNGKey(1))) == float(step_loss(jax.random.PRNGKey(2)))
-  next_state = freedom.epoch_start(run.state.params["backbone"], run.state.model_state,
-                                   run.static, run.info, jax.random.PRNGKey(3), run.config)
+  next_state = jax.jit(lambda: freedom.epoch_start(
+      run.state.params["backbone"], run.state.model_state, run.static, run.info,
+      jax.random.PRNGKey(3), run.config))()
   assert not np.array_equal(np.asarray(next_state["user_item"].senders), np.asarray(graph.senders))
   full = train.train_and_evaluate(config, str(tmp_path / "full"))  # asserts one trace
   config.max_epochs = 2

@@ -150,15 +150,17 @@ def test_custom_gradients_equal_autodiff_of_gathers_and_segment_sums():
     plain = lambda w, x, el=edge_list: jax.ops.segment_sum(
         w[:, None] * x[el.senders], el.receivers, num_segments=x.shape[0])
     custom = lambda w, x, el=edge_list: graphs.weighted_propagate(el, w, x)
-    np.testing.assert_allclose(custom(w, x), plain(w, x), rtol=1e-5, atol=1e-6)
-    grads = [jax.grad(lambda w, x, f=f: jnp.sum(f(w, x) * probe), argnums=(0, 1))(w, x)
+    np.testing.assert_allclose(jax.jit(custom)(w, x), jax.jit(plain)(w, x), rtol=1e-5,
+                               atol=1e-6)
+    grads = [jax.jit(jax.grad(lambda w, x, f=f: jnp.sum(f(w, x) * probe), argnums=(0, 1)))(w, x)
              for f in (custom, plain)]
     for got, expected in zip(*grads):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     plain_dot = lambda x, el=edge_list: jnp.sum(x[el.receivers] * x[el.senders], axis=1)
     weights = jnp.asarray(rng.normal(size=edge_list.senders.shape[0]), jnp.float32)
-    np.testing.assert_allclose(graphs.edge_dot(edge_list, x), plain_dot(x), rtol=1e-6)
-    got, expected = (jax.grad(lambda x, f=f: jnp.sum(f(x) * weights))(x)
+    np.testing.assert_allclose(jax.jit(lambda x: graphs.edge_dot(edge_list, x))(x),
+                               jax.jit(plain_dot)(x), rtol=1e-6)
+    got, expected = (jax.jit(jax.grad(lambda x, f=f: jnp.sum(f(x) * weights)))(x)
                      for f in (lambda x: graphs.edge_dot(edge_list, x), plain_dot))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -167,7 +169,7 @@ def test_custom_gradients_equal_autodiff_of_gathers_and_segment_sums():
 def test_refined_graph_and_forward_match_dense_reference(weight_mode):
   config, pairs, features, static, params = setup(weight_mode=weight_mode)
   cfg = config.grcn
-  refined = grcn.refine(params, static, config)  # eager: tiny, no compile
+  refined = jax.jit(lambda: grcn.refine(params, static, config))()  # one program, not op by op
   weights, per_modality, reps, fused = reference(params, pairs, features, cfg)
   edges = static.graph["edges"]
   for name, expected in zip(sorted(features), per_modality):
