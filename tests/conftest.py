@@ -13,7 +13,8 @@ import pytest
 # - LLVM optimization level 0: a tiny FETTLE epoch's compile 13.4 -> 7.8 s (2026-12-02);
 # - the legacy loop emitters instead of the MLIR fusion emitters: 31-32 -> 17-21 ms to
 #   compile one eager op, the suite 5 min 41 s -> 3 min 57 s (2-core CPU, 2026-12-03), but
-#   ml100k FETTLE steps ~1.3x slower (scripts/benchmark_steps.py), hence tests only.
+#   the compiled ml100k BPR+FETTLE step 1.3-1.5x slower (scripts/benchmark_steps.py;
+#   FREEDOM+FETTLE within the noise), hence tests only.
 # Set before JAX starts (child processes of the tests inherit them); a value the caller set
 # wins.
 _TEST_XLA_FLAGS = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false"}
