@@ -48,6 +48,20 @@ def info_nce_from_logits(logits: Array, positive_logit: Array) -> Array:
   return jax.nn.logsumexp(logits, axis=-1) - positive_logit
 
 
+# exp(x - bound) stays a normal float32 for x down to bound - 80 (exp(-87) is the smallest).
+_BOUNDED_LSE_MAX_RANGE = 80.0
+
+
+def log_sum_exp_below(logits: Array, upper_bound) -> Array:
+  """logsumexp over the last axis of logits known to be <= upper_bound (and >= -upper_bound
+  where they count), e.g. cosines / T: bound + log sum exp(x - bound), one pass over the
+  logits instead of a max pass and an exp pass. Falls back to `jax.nn.logsumexp` when the
+  range 2 * bound could underflow exp, or when the bound is traced (a grid over T)."""
+  if not isinstance(upper_bound, (int, float)) or 2.0 * upper_bound > _BOUNDED_LSE_MAX_RANGE:
+    return jax.nn.logsumexp(logits, axis=-1)
+  return upper_bound + jnp.log(jnp.sum(jnp.exp(logits - upper_bound), axis=-1))
+
+
 def info_nce_loss(queries: Array, keys: Array, positive_index: Array, key_mask: Array,
                   temperature: float) -> Array:
   """InfoNCE (van den Oord et al. 2018) with cosine similarity, per query:

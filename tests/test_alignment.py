@@ -551,6 +551,56 @@ def test_ila_stop_gradient_keeps_target_modality_fixed():
   np.testing.assert_array_equal(np.asarray(grads.modality_items["image"]), 0.0)
 
 
+@pytest.mark.parametrize("n_rows,targets_second", [
+    (9, "all"), (9, "none"), (9, "first_half"), (10, "first_half"), (10, "first_half_plus_one"),
+    (11, "alternating"), (1, "all")])
+def test_ila_split_by_majority_target_matches_per_row_reference(n_rows, targets_second):
+  """ILA's majority / minority key products give every row its own target's InfoNCE,
+  whatever the split of targets in a pair (all, none, exactly half, one more than half),
+  with masked keys left out; the gradient equals that of a dense per-row formula."""
+  rng = np.random.default_rng(n_rows)
+  n_keys, dim, temperature = 13, 5, 0.1
+  pattern = {"all": lambda i: True, "none": lambda i: False,
+             "first_half": lambda i: i < n_rows // 2,
+             "first_half_plus_one": lambda i: i <= n_rows // 2,
+             "alternating": lambda i: i % 2 == 0}[targets_second]
+  second = np.array([[pattern(i) for i in range(n_rows)], [not pattern(i) for i in range(n_rows)]])
+  queries = rng.normal(size=(2, n_rows, dim)).astype(np.float32)
+  keys = rng.normal(size=(n_keys, 3, dim)).astype(np.float32)
+  key_mask = np.arange(n_keys) != 3
+  positive = rng.choice(np.flatnonzero(key_mask), size=n_rows)
+  active = np.ones((2, n_rows), bool)
+  valid = np.ones(n_rows, bool)
+  pairs = ((0, 1), (0, 2))
+
+  def ila(q):
+    directed = fettle.DirectionQueries(q, jnp.asarray(second), jnp.asarray(active), pairs)
+    return fettle.item_level_alignment_loss(directed, jnp.asarray(keys), jnp.asarray(positive),
+                                            jnp.asarray(key_mask), jnp.asarray(valid),
+                                            temperature)
+
+  def dense_reference(q):  # every row against its own target's keys, plain logsumexp
+    unit_keys = keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+    losses = []
+    for r, (m, n) in enumerate(pairs):
+      target_keys = jnp.where(second[r][:, None, None], unit_keys[None, :, n], unit_keys[None, :, m])
+      unit_q = q[r] / jnp.linalg.norm(q[r], axis=-1, keepdims=True)
+      logits = jnp.einsum("ul,ukl->uk", unit_q, target_keys) / temperature
+      logits = jnp.where(key_mask[None], logits, -jnp.inf)
+      losses.append(jax.nn.logsumexp(logits, axis=-1) - logits[np.arange(n_rows), positive])
+    return jnp.mean(jnp.stack(losses))
+
+  expected = np.mean([[
+      -np_log_softmax([np_cos(queries[r, i], keys[j, n if second[r, i] else m]) / temperature
+                       for j in np.flatnonzero(key_mask)])[
+                           list(np.flatnonzero(key_mask)).index(positive[i])]
+      for i in range(n_rows)] for r, (m, n) in enumerate(pairs)])
+  value, grad = jax.jit(jax.value_and_grad(ila))(jnp.asarray(queries))
+  np.testing.assert_allclose(float(value), expected, **TOL)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(dense_reference)(queries)),
+                             rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_is_of_the_weighted_total_and_its_weights():
   """One gradient of sum_t w_t L_t (the terms share their backward work): it equals the
   weighted sum of each term's own gradient, the weights' gradients are the terms, and a

@@ -38,7 +38,7 @@ import numpy as np
 from fettle_jax.alignment.modalities import (all_item_modality_embeddings,
                                              batch_modality_embeddings, modality_names)
 from fettle_jax.layers import init_feature_projectors, init_linear, linear, xavier_uniform
-from fettle_jax.losses import info_nce_from_logits, l2_normalize, masked_mean
+from fettle_jax.losses import l2_normalize, log_sum_exp_below, masked_mean
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 from fettle_jax.errors import ConfigError
 
@@ -260,27 +260,39 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
   minimize -log softmax. Per item: average over its directions ("avg_{m->n}"); then the
   mean (not the printed sum) over the valid items.
 
-  A row of pair (m, n) targets n or m per item. With the query's unit vector q and the
-  flag t (target n), [t q, (1 - t) q, 1] . [k^n, k^m, bias] = q . k^target + bias: one
-  [U, 2L + 1] x [2L + 1, K] product per pair gives every item its own target's logits
-  (zeros add exactly).
+  A row of pair (m, n) targets n or m per item, so its logits need two key sets. The
+  keys of the pair's majority target meet every row ([U, L] x [L, K]); the rows of the
+  minority target, at most U // 2 of them, are gathered and meet theirs ([U // 2, L] x
+  [L, K]): 1.5 U K L multiply-adds per pair instead of the 2 U K L of both key sets for
+  every row (ml100k, 800 items: ILA forward + backward 14.9 -> 12.7 ms). Each row reads
+  its log-partition from the product that holds its own target.
   """
   keys = l2_normalize(jax.lax.stop_gradient(target_keys))  # sg(j^n): only the source moves
-  # A masked key gets logit -1e30 / T from one extra coordinate (query 1, key -1e30), so
-  # its exp is exactly 0 as with -inf, without a masking pass over the [U, K] logits.
-  bias = jnp.zeros(keys.shape[:1] + (1,), keys.dtype)
-  if key_mask is not None:
-    bias = jnp.where(key_mask[:, None], bias, _MASKED_LOGIT)
-  unit = l2_normalize(directed.queries)
-  ones = jnp.ones(unit.shape[1:2] + (1,), unit.dtype)
+  # A masked key's logit is -1e30: its exp is exactly 0, as with -inf (the add fuses into
+  # the exp pass).
+  bias = 0.0 if key_mask is None else jnp.where(key_mask, 0.0, _MASKED_LOGIT).astype(keys.dtype)
+  # 1/T rides on the [U, L] queries: the products yield the logits, with no division pass
+  # over [U, K]; they are cosines / T <= 1/T, so the log-partition needs no max pass.
+  inverse_temperature = 1.0 / temperature
+  scaled = l2_normalize(directed.queries) * inverse_temperature  # [R, U, L]
+  n_rows = scaled.shape[1]
+  minority_capacity = max(n_rows // 2, 1)
   nce = []
   for r, (m, n) in enumerate(directed.pairs):
-    pair_keys = jnp.concatenate([keys[:, n], keys[:, m], bias], axis=-1)  # [K, 2L + 1]
-    flag = directed.to_second[r][:, None].astype(unit.dtype)
-    pair_queries = jnp.concatenate([unit[r] * flag, unit[r] * (1.0 - flag), ones], axis=-1)
-    logits = pair_queries @ pair_keys.T / temperature  # [U, K]
-    positive = jnp.sum(pair_queries * pair_keys[positive_index], axis=-1) / temperature
-    nce.append(info_nce_from_logits(logits, positive))
+    to_second = directed.to_second[r]
+    second_is_majority = 2 * jnp.sum(to_second.astype(jnp.int32)) >= n_rows
+    majority_keys = jnp.where(second_is_majority, keys[:, n], keys[:, m])  # [K, L]
+    minority_keys = jnp.where(second_is_majority, keys[:, m], keys[:, n])
+    minority = to_second != second_is_majority  # [U]: the row targets the minority modality
+    (minority_rows,) = jnp.nonzero(minority, size=minority_capacity, fill_value=0)
+    slot = jnp.clip(jnp.cumsum(minority.astype(jnp.int32)) - 1, 0, minority_capacity - 1)
+    majority_lse = log_sum_exp_below(scaled[r] @ majority_keys.T + bias, inverse_temperature)
+    minority_lse = log_sum_exp_below(scaled[r][minority_rows] @ minority_keys.T + bias,
+                                     inverse_temperature)
+    log_partition = jnp.where(minority, minority_lse[slot], majority_lse)  # [U]
+    positive_keys = jnp.where(to_second[:, None], keys[positive_index, n],
+                              keys[positive_index, m])
+    nce.append(log_partition - jnp.sum(scaled[r] * positive_keys, axis=-1))
   nce = jnp.stack(nce)  # [R, U]
   n_directions = jnp.sum(directed.active.astype(nce.dtype), axis=0)
   per_item = (jnp.sum(jnp.where(directed.active, nce, 0.0), axis=0)
