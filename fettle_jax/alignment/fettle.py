@@ -376,10 +376,12 @@ def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
 
 
 class ClusterPrediction(NamedTuple):
-  """SoftMax(i C / lambda_c) (Eq. 8-9), the predicted assignment, kept as logits z and
-  log-partition lse(z): log p = z - lse is never materialized as its own [n, P] array."""
-  logits: Array         # [n, P]
-  log_partition: Array  # [n]
+  """SoftMax(i C / lambda_c) (Eq. 8-9), the predicted assignment, kept as the cosines s,
+  1 / lambda_c and the log-partition lse(s / lambda_c): neither the logits nor log p is
+  materialized as its own [n, P] array."""
+  scores: Array               # [n, P] cosines s
+  inverse_temperature: float  # 1 / lambda_c
+  log_partition: Array        # [n]
 
 
 def bounded_exp(scores: Array, temperature: float) -> Array:
@@ -391,18 +393,20 @@ def bounded_exp(scores: Array, temperature: float) -> Array:
 
 def cluster_prediction(scores: Array, temperature: float) -> ClusterPrediction:
   """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T): one pass, no max."""
-  logits = scores / temperature
   log_partition = 1.0 / temperature + jnp.log(jnp.sum(bounded_exp(scores, temperature), axis=-1))
-  return ClusterPrediction(logits, log_partition)
+  return ClusterPrediction(scores, 1.0 / temperature, log_partition)
 
 
 def code_cross_entropy(codes: Array, prediction: ClusterPrediction) -> Array:
-  """-q^T log p = lse(z) sum(q) - q^T z, per sample (the brackets of Eq. 8-9).
+  """-q^T log p = lse(z) sum(q) - q^T z with z = s / lambda_c, per sample (the brackets of
+  Eq. 8-9).
 
-  One fused pass over [n, P] forward and one backward (softmax(z) sum(q) - q).
+  One fused pass over [n, P] forward and one backward (softmax(z) sum(q) - q). 1 / lambda_c
+  scales the per-sample sum q^T s, not the [n, P] cosines (XLA:CPU otherwise writes the
+  constant out as an [n, P] array each step to feed the fused reduction).
   """
   return (prediction.log_partition * jnp.sum(codes, axis=-1)
-          - jnp.sum(codes * prediction.logits, axis=-1))
+          - prediction.inverse_temperature * jnp.sum(codes * prediction.scores, axis=-1))
 
 
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
