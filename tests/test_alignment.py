@@ -350,6 +350,9 @@ CASES = {
     "topmost": dict(directions="topmost"),
     "bidirectional": dict(bidirectional_threshold=0.0),
     "sinkhorn_5_iterations": dict(sinkhorn_iterations=5, sinkhorn_epsilon=0.1),
+    # lambda_c = 2 eps: Sinkhorn's kernel is the prediction's exp squared (one exp pass).
+    "cluster_temperature_twice_epsilon": dict(temperature_cluster=0.1),
+    "cluster_temperature_not_a_multiple": dict(temperature_cluster=0.07),
 }
 
 

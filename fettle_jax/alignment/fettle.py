@@ -323,7 +323,7 @@ def direction_tuning_loss(directed: DirectionQueries, mean_user_emb: Array, vali
 
 
 def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
-                   sample_mask: Array = None) -> Array:
+                   sample_mask: Array = None, kernel: Array = None) -> Array:
   """Codes q (Eq. 7), SwAV's Sinkhorn-Knopp: [n, P] scores -> [n, P] codes.
 
   Q = exp(scores / eps)^T normalized to total mass 1, then N rounds of: prototypes (rows)
@@ -342,6 +342,7 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   bound 1 is a scalar rescaling of K (undone exactly by the normalizations) that keeps
   every exp in [exp(-2 / eps), 1], far above float32 underflow for eps >= 0.03, and needs
   no pass over [n, P] to find the max. The tiny floors only guard the degenerate case.
+  `kernel`: that K (bounded_exp(scores, epsilon)) where the caller already has it.
   """
   n_samples, _ = scores.shape
   if sample_mask is None:
@@ -350,7 +351,8 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   n_prototypes = scores.shape[1]
   n_valid = jnp.maximum(jnp.sum(weight), 1.0)
   tiny = jnp.finfo(scores.dtype).tiny
-  kernel = bounded_exp(scores, epsilon)  # K, [n, P]
+  if kernel is None:
+    kernel = bounded_exp(scores, epsilon)  # K, [n, P]
 
   def normalize_round(_, scalings):
     r, _ = scalings
@@ -370,9 +372,12 @@ def prototype_scores(embeddings: Array, codebook: Array) -> Array:
 
 
 def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
-                  epsilon: float) -> Array:
+                  epsilon: float, kernel: Array = None) -> Array:
   """Sinkhorn codes as fixed targets: no gradient flows into q (SwAV)."""
-  return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask)
+  if kernel is not None:
+    kernel = jax.lax.stop_gradient(kernel)
+  return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask,
+                        kernel)
 
 
 class ClusterPrediction(NamedTuple):
@@ -386,15 +391,41 @@ class ClusterPrediction(NamedTuple):
 
 def bounded_exp(scores: Array, temperature: float) -> Array:
   """exp((s - 1) / T) for cosines s <= 1 (larger values clipped): in [exp(-2 / T), 1], no
-  max pass needed. Sinkhorn's kernel and the prediction's softmax share this form, so
-  with eps == lambda_c (the paper's 0.05 / 0.05) XLA computes the exp once for both."""
+  max pass needed. Sinkhorn's kernel and the prediction's softmax share this form
+  (`prediction_and_codes` computes it once for both)."""
   return jnp.exp((jnp.minimum(scores, 1.0) - 1.0) / temperature)
 
 
-def cluster_prediction(scores: Array, temperature: float) -> ClusterPrediction:
-  """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T): one pass, no max."""
-  log_partition = 1.0 / temperature + jnp.log(jnp.sum(bounded_exp(scores, temperature), axis=-1))
+def cluster_prediction(scores: Array, temperature: float,
+                       exps: Array = None) -> ClusterPrediction:
+  """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T): one pass, no max.
+  `exps`: bounded_exp(scores, temperature) where the caller already has it."""
+  if exps is None:
+    exps = bounded_exp(scores, temperature)
+  log_partition = 1.0 / temperature + jnp.log(jnp.sum(exps, axis=-1))
   return ClusterPrediction(scores, 1.0 / temperature, log_partition)
+
+
+def _small_integer_ratio(temperature, epsilon):
+  """k = lambda_c / eps when it is an integer 1..4 (static config floats), else None."""
+  if not all(isinstance(v, (int, float)) for v in (temperature, epsilon)):
+    return None  # traced (a grid sweeping a temperature)
+  ratio = temperature / epsilon
+  power = round(ratio)
+  return power if 1 <= power <= 4 and abs(ratio - power) < 1e-6 else None
+
+
+def prediction_and_codes(scores: Array, sample_mask: Array, temperature: float,
+                         n_iterations: int, epsilon: float) -> Tuple[ClusterPrediction, Array]:
+  """SoftMax(s / lambda_c) (Eq. 8-9) and the Sinkhorn codes (Eq. 7) of one [n, P] score
+  array, from one exp pass where lambda_c / eps is an integer k <= 4: Sinkhorn's kernel
+  exp((s - 1) / eps) = exp((s - 1) / lambda_c)^k, k - 1 multiplies instead of a second
+  exp (k = 1: the paper's 0.05 / 0.05; k = 2: the ml100k setting's 0.1 / 0.05)."""
+  exps = bounded_exp(scores, temperature)
+  power = _small_integer_ratio(temperature, epsilon)
+  kernel = None if power is None else jax.lax.integer_pow(exps, power)
+  return (cluster_prediction(scores, temperature, exps),
+          cluster_codes(scores, sample_mask, n_iterations, epsilon, kernel))
 
 
 def code_cross_entropy(codes: Array, prediction: ClusterPrediction) -> Array:
@@ -425,11 +456,11 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
     return jnp.zeros((), item_emb_by_modality.dtype)
-  scores = [prototype_scores(item_emb_by_modality[:, m], codebook) for m in range(n_modalities)]
-  codes = [cluster_codes(s, valid, n_iterations, epsilon) for s in scores]
+  predictions, codes = zip(*[
+      prediction_and_codes(prototype_scores(item_emb_by_modality[:, m], codebook), valid,
+                           temperature, n_iterations, epsilon) for m in range(n_modalities)])
   all_codes = sum(codes)
-  per_item = sum(code_cross_entropy(all_codes - codes[m],
-                                    cluster_prediction(scores[m], temperature))
+  per_item = sum(code_cross_entropy(all_codes - codes[m], predictions[m])
                  for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
@@ -477,9 +508,8 @@ def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, 
   Exact; cuts the [rows, P] work where the batch repeats users or items.
   """
   def side_terms(side):
-    scores = prototype_scores(side.embeddings, codebook)
-    codes = cluster_codes(scores, side.counts, n_iterations, epsilon)
-    return cluster_prediction(scores, temperature), codes
+    return prediction_and_codes(prototype_scores(side.embeddings, codebook), side.counts,
+                                temperature, n_iterations, epsilon)
 
   user_prediction, user_codes = side_terms(users)
   item_prediction, item_codes = side_terms(items)
