@@ -16,6 +16,11 @@ that term alone on one real batch (the backbone's representations at init), on t
 branch (unique-item prefix) the batch takes; FLOPs from XLA's cost analysis of that
 compiled program. `--json=FILE` writes every number.
 
+`--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
+fettle_jax/alignment/fettle.py (e.g. `git worktree add /tmp/before <commit>`), loaded as
+its own module (the rest of the code is this tree's) and timed in the same process and
+the same alternating rounds, so a before/after comparison shares the machine's state.
+
 `--mesh=DxM` runs the steps on a data x model device mesh (e.g. 1x8 with
 JAX_NUM_CPU_DEVICES=8) and prints, per variant, the bytes the first device holds of the
 parameters, optimizer state and static inputs, measured from the arrays' shards, and the
@@ -23,7 +28,9 @@ compiled step's temporaries (XLA's memory analysis), next to scripts/scaling_tab
 prediction from shapes.
 """
 
+import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -40,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
+from fettle_jax import alignment as alignment_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
@@ -57,6 +65,9 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step time is reported.")
 _TERMS = flags.DEFINE_bool("terms", True, "Per-term FLOPs / time / GFLOP/s table for FETTLE.")
 _JSON = flags.DEFINE_string("json", "", "Also write every measurement to this JSON file.")
+_BASELINE = flags.DEFINE_string(
+    "baseline", "", "Another checkout: adds a 'fettle@baseline' row timing its "
+    "fettle_jax/alignment/fettle.py side by side with this tree's.")
 _MESH = flags.DEFINE_string("mesh", "", "data x model mesh, e.g. 1x8; '' = config default "
                             "(every device on 'data').")
 
@@ -123,11 +134,37 @@ def term_rows(data, backbone_name, entry):
   return rows
 
 
+def load_baseline_fettle(checkout: str):
+  """That checkout's fettle.py as a module of its own (its imports resolve to this tree)."""
+  path = os.path.join(checkout, "fettle_jax", "alignment", "fettle.py")
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--baseline: no {path}")
+  spec = importlib.util.spec_from_file_location("baseline_fettle", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@contextlib.contextmanager
+def fettle_module(module):
+  """train.py's alignment lookup returns `module` for 'fettle' inside the block."""
+  original = alignment_lib.get_alignment
+  alignment_lib.get_alignment = lambda name: module if name == "fettle" else original(name)
+  try:
+    yield
+  finally:
+    alignment_lib.get_alignment = original
+
+
 def build_step(data, backbone_name, variant):
-  """variant: an alignment name, or 'fettle@P' for FETTLE with P_ITV = P, P_UI = 2P."""
+  """variant: an alignment name, 'fettle@P' for FETTLE with P_ITV = P, P_UI = 2P, or
+  'fettle@baseline' for --baseline's FETTLE."""
   config = importlib.import_module(f"configs.{backbone_name}_{_CONFIGS.value}").get_config()
   alignment_name, _, prototypes = variant.partition("@")
   config.alignment = alignment_name
+  if prototypes == "baseline":
+    with fettle_module(load_baseline_fettle(_BASELINE.value)):
+      return build_step(data, backbone_name, alignment_name)
   if prototypes:
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
   if _MESH.value:
@@ -205,6 +242,8 @@ def main(argv):
   best_rate = max(rates.values())
   for backbone_name in _BACKBONES.value:
     variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
+    if _BASELINE.value:
+      variants.append("fettle@baseline")
     entries = {v: build_step(data, backbone_name, v) for v in variants}
     if _MESH.value:
       layout = next(iter(entries.values()))["layout"]
