@@ -428,16 +428,30 @@ def prediction_and_codes(scores: Array, sample_mask: Array, temperature: float,
           cluster_codes(scores, sample_mask, n_iterations, epsilon, kernel))
 
 
-def code_cross_entropy(codes: Array, prediction: ClusterPrediction) -> Array:
+def code_cross_entropy(codes: Array, prediction: ClusterPrediction,
+                       code_mass: Array = None) -> Array:
   """-q^T log p = lse(z) sum(q) - q^T z with z = s / lambda_c, per sample (the brackets of
   Eq. 8-9).
 
   One fused pass over [n, P] forward and one backward (softmax(z) sum(q) - q). 1 / lambda_c
   scales the per-sample sum q^T s, not the [n, P] cosines (XLA:CPU otherwise writes the
   constant out as an [n, P] array each step to feed the fused reduction).
+  code_mass: sum(q) per sample where the caller knows it (`sinkhorn_code_mass`): one
+  [n, P] pass fewer.
   """
-  return (prediction.log_partition * jnp.sum(codes, axis=-1)
+  if code_mass is None:
+    code_mass = jnp.sum(codes, axis=-1)
+  return (prediction.log_partition * code_mass
           - prediction.inverse_temperature * jnp.sum(codes * prediction.scores, axis=-1))
+
+
+def sinkhorn_code_mass(sample_mask: Array, n_iterations: int, dtype) -> Any:
+  """Each code's sum, known without a pass over it: Sinkhorn's last step scales every
+  sample's row to sum 1 (Eq. 7's column constraint; 0 for masked samples), so a target that
+  sums c codes has mass c. None (sum the codes) when no round runs."""
+  if n_iterations < 1:
+    return None
+  return sample_mask.astype(dtype)
 
 
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
@@ -460,7 +474,9 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
       prediction_and_codes(prototype_scores(item_emb_by_modality[:, m], codebook), valid,
                            temperature, n_iterations, epsilon) for m in range(n_modalities)])
   all_codes = sum(codes)
-  per_item = sum(code_cross_entropy(all_codes - codes[m], predictions[m])
+  mass = sinkhorn_code_mass(valid, n_iterations, all_codes.dtype)  # each code sums to 1
+  target_mass = None if mass is None else (n_modalities - 1) * mass
+  per_item = sum(code_cross_entropy(all_codes - codes[m], predictions[m], target_mass)
                  for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
@@ -516,8 +532,14 @@ def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, 
   user_targets = _summed_over_rows(_pair_codes(item_codes, items), users)
   item_targets = _summed_over_rows(_pair_codes(user_codes, users), items)
   n_pairs = (users.of_pair if users.of_pair is not None else users.embeddings).shape[0]
-  return (jnp.sum(code_cross_entropy(user_targets, user_prediction))
-          + jnp.sum(code_cross_entropy(item_targets, item_prediction))) / n_pairs
+
+  def target_mass(side):  # a row's target sums one partner code (mass 1) per pair
+    pairs = jnp.ones((n_pairs,)) if side.counts is None else side.counts
+    return sinkhorn_code_mass(pairs, n_iterations, user_targets.dtype)
+
+  return (jnp.sum(code_cross_entropy(user_targets, user_prediction, target_mass(users)))
+          + jnp.sum(code_cross_entropy(item_targets, item_prediction, target_mass(items)))
+          ) / n_pairs
 
 
 # ------------------------------------------------------------ all terms on the unique items
