@@ -134,14 +134,21 @@ def term_rows(data, backbone_name, entry):
   return rows
 
 
+_baseline_modules = {}
+
+
 def load_baseline_fettle(checkout: str):
-  """That checkout's fettle.py as a module of its own (its imports resolve to this tree)."""
+  """That checkout's fettle.py as a module of its own (its imports resolve to this tree);
+  loaded once per checkout."""
+  if checkout in _baseline_modules:
+    return _baseline_modules[checkout]
   path = os.path.join(checkout, "fettle_jax", "alignment", "fettle.py")
   if not os.path.isfile(path):
     raise app.UsageError(f"--baseline: no {path}")
   spec = importlib.util.spec_from_file_location("baseline_fettle", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  _baseline_modules[checkout] = module
   return module
 
 
@@ -230,6 +237,8 @@ def run_steps(entry, n_steps, offset):
 
 def main(argv):
   del argv
+  if _BASELINE.value:
+    load_baseline_fettle(_BASELINE.value)  # a bad path fails before anything is built
   data = dataset_lib.load_dataset(_DATA.value)
   print(data.summary())
   device = f"{jax.devices()[0].device_kind}, {os.cpu_count()} cpus"
