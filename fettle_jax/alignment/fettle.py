@@ -264,8 +264,9 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
   keys of the pair's majority target meet every row ([U, L] x [L, K]); the rows of the
   minority target, at most U // 2 of them, are gathered and meet theirs ([U // 2, L] x
   [L, K]): 1.5 U K L multiply-adds per pair instead of the 2 U K L of both key sets for
-  every row (ml100k, 800 items: ILA forward + backward 14.9 -> 12.7 ms). Each row reads
-  its log-partition from the product that holds its own target.
+  every row (timings: RESULTS.md, 2026-12-03 third session). Each row reads its
+  log-partition from the product that holds its own target. (Bidirectional reverse rows
+  all target m, so their minority product is empty work.)
   """
   keys = l2_normalize(jax.lax.stop_gradient(target_keys))  # sg(j^n): only the source moves
   # A masked key's logit is -1e30: its exp is exactly 0, as with -inf (the add fuses into
