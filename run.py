@@ -41,9 +41,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, check
                                "Default: runs/<config file name>.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache: a rerun of the same config "
-    "(and shapes) loads its compiled programs instead of compiling. Default: "
+    "(and shapes) loads its compiled programs instead of compiling, and its traced epoch and "
+    "evaluation programs (DIR/programs) instead of tracing them. Default: "
     "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
-    "'none' turns it off.")
+    "'none' turns both off.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "Grid: FIELD=V1,V2,... over a float config field (repeatable; the grid is "
     "the cross product). With --sweep or --grid_seeds, every setting trains side by side in one "
@@ -139,7 +140,7 @@ def main(argv):
       flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", config_name)
   if _COMPILATION_CACHE.value != "none":
-    train.enable_compilation_cache(_COMPILATION_CACHE.value or None)
+    train.enable_compilation_cache(_COMPILATION_CACHE.value or None, traced_programs=True)
   try:
     # Before anything touches a device: join the other processes of a multi-process run.
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,

@@ -32,6 +32,7 @@ from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import curves
 from fettle_jax import evaluation
+from fettle_jax import programs
 from fettle_jax import sampling
 from fettle_jax import sharding
 from fettle_jax import backbones as backbone_contract
@@ -68,18 +69,22 @@ class Experiment(NamedTuple):
   layout: sharding.Layout  # the mesh; where state and static inputs live
 
 
-def enable_compilation_cache(path: str = None) -> str:
+def enable_compilation_cache(path: str = None, traced_programs: bool = False) -> str:
   """Turns on JAX's persistent compilation cache (default: <data cache root>/xla).
 
   Every compiled program of a run (epoch, evaluation, kNN graph, ...) is stored there, so
   a second run with the same config and data shapes starts training without compiling.
-  Must run before the first compilation in the process.
+  traced_programs: also keep the traced epoch and evaluation programs in <path>/programs
+  (fettle_jax/programs.py), so that a rerun does not trace them either (run.py's choice:
+  the library traces by default). Must run before the first compilation in the process.
   """
   path = path or os.path.join(wheels.cache_root(), "xla")
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if traced_programs:
+    programs.enable(os.path.join(path, "programs"))
   return path
 
 
@@ -419,6 +424,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
                               run.info, layout)
   evaluate = make_evaluate(run.backbone, config, layout)
+  # With run.py's program cache, a rerun loads both traced programs instead of tracing.
+  description = repr((config.to_json_best_effort(sort_keys=True), run.info, facts))
+  epoch_fn = programs.cached(epoch_fn, "epoch", description, donate_argnums=0,
+                             mesh=layout.mesh)
+  evaluate = programs.cached(evaluate, "evaluate", description, mesh=layout.mesh)
 
   checkpoints = checkpoint_lib.Checkpoints(workdir, layout.state)
   loop = initial_loop_state()
