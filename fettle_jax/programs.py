@@ -22,7 +22,7 @@ import importlib.metadata
 import os
 import pickle
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 from jax import export as jax_export
