@@ -18,7 +18,7 @@ Columns (bytes per device; the table prints MiB):
   depend on the data): user-item graph 2 * n_train edges (int32 sender, int32 receiver,
   f32 weight), the prunable edge list 5 int32/f32 arrays of n_train, and the kNN item-item
   graph n_items * knn_k * (number of modalities) edges, its upper bound (the real graph
-  merges edges that two modalities share).
+  merges edges that two modalities share), with its transposed edge list (5 int32 arrays).
 - step_activation: the largest single training temporary we count, ONE [B, P_UI] f32
   FETTLE score/kernel matrix, its batch rows split over 'data' (several such matrices may
   be live at once inside a step; how many is up to XLA, so this is a floor, not a peak).
@@ -113,7 +113,8 @@ def graph_shapes(config, n_items: int, n_train: int, n_modalities: int):
     return {"user_item": user_item,
             "edges": graphs.BipartiteEdges(*[_sds([n_train])] * 4, _sds([n_train], jnp.float32)),
             "item_item": graphs.Graph(_sds([knn_edges]), _sds([knn_edges]),
-                                      _sds([knn_edges], jnp.float32))}
+                                      _sds([knn_edges], jnp.float32)),
+            "item_item_edges": graphs.EdgeList(*[_sds([knn_edges])] * 5)}
   return {}
 
 
