@@ -103,8 +103,9 @@ def _argument_signature(leaves, tree) -> str:
   return repr((str(tree), [(tuple(x.shape), str(x.dtype), _placement(x)) for x in leaves]))
 
 
-def program_key(name: str, description: str, leaves, tree) -> str:
-  text = "\n".join((name, description, _argument_signature(leaves, tree), _environment()))
+def program_key(name: str, description: str, leaves, tree, environment: str = None) -> str:
+  environment = _environment() if environment is None else environment
+  text = "\n".join((name, description, _argument_signature(leaves, tree), environment))
   return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -165,10 +166,17 @@ def cached(call: Callable, name: str, description: str, donate_argnums=(),
   jitted = getattr(call, "jitted", call)
   donate_argnums = (donate_argnums,) if isinstance(donate_argnums, int) else donate_argnums
   loaded = {}  # key -> (jitted flat program, output tree)
+  # Per call only a cheap signature is looked up (the full key costs ~10 ms of Python:
+  # versions, settings, shard maps); the environment is read once per wrapped function.
+  environment = _environment()
+  keys = {}  # (tree, shapes, dtypes, shardings) -> key
 
   def program_for(args):
     leaves, tree = jax.tree_util.tree_flatten(args)
-    key = program_key(name, description, leaves, tree)
+    signature = (tree, tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+    if signature not in keys:
+      keys[signature] = program_key(name, description, leaves, tree, environment)
+    key = keys[signature]
     if key not in loaded:
       donated = _donated_leaves(args, donate_argnums)
       path = os.path.join(_DIRECTORY, f"{name}-{key}.exported")
