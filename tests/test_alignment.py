@@ -665,11 +665,10 @@ def test_cluster_codes_carry_no_gradient():
   q_u = fettle.sinkhorn_knopp(fettle.prototype_scores(users, codebook), n_iter, eps)
   q_i = fettle.sinkhorn_knopp(fettle.prototype_scores(items, codebook), n_iter, eps)
 
-  def fixed_codes_loss(u, i, c, codes_u, codes_i):
-    log_p_u = fettle.cluster_prediction(fettle.prototype_scores(u, c), t)
-    log_p_i = fettle.cluster_prediction(fettle.prototype_scores(i, c), t)
-    return jnp.mean(fettle.code_cross_entropy(codes_i, log_p_u)
-                    + fettle.code_cross_entropy(codes_u, log_p_i))
+  def fixed_codes_loss(u, i, c, codes_u, codes_i):  # dense codes, plain log-softmax
+    log_p_u = jax.nn.log_softmax(fettle.prototype_scores(u, c) / t)
+    log_p_i = jax.nn.log_softmax(fettle.prototype_scores(i, c) / t)
+    return jnp.mean(-jnp.sum(codes_i * log_p_u, axis=-1) - jnp.sum(codes_u * log_p_i, axis=-1))
 
   expected = jax.jit(jax.grad(fixed_codes_loss, argnums=(0, 1, 2)))(
       users, items, codebook, q_u, q_i)

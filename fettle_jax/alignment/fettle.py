@@ -323,9 +323,22 @@ def direction_tuning_loss(directed: DirectionQueries, mean_user_emb: Array, vali
 # ---------------------------------------------------------------- Eq. 7-9: cluster alignment
 
 
-def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
-                   sample_mask: Array = None, kernel: Array = None) -> Array:
-  """Codes q (Eq. 7), SwAV's Sinkhorn-Knopp: [n, P] scores -> [n, P] codes.
+class Codes(NamedTuple):
+  """Sinkhorn codes (Eq. 7) in the form Eq. 7 writes them, diag(r) K diag(s): q_ip =
+  row_i K_ip column_p. The [n, P] product itself is never formed in training: its
+  consumers need only each code's sum and q C^T (`code_mixture`), which the factors give
+  from K directly (one write and one read of an [n, P] array fewer per code set)."""
+  row: Array     # [n]
+  kernel: Array  # [n, P] K = exp((s - 1) / eps)
+  column: Array  # [P]
+
+  def dense(self) -> Array:
+    return self.row[:, None] * self.kernel * self.column[None, :]
+
+
+def sinkhorn_scalings(scores: Array, n_iterations: int, epsilon: float,
+                      sample_mask: Array = None, kernel: Array = None) -> Codes:
+  """Codes q (Eq. 7), SwAV's Sinkhorn-Knopp, of [n, P] scores, as `Codes`.
 
   Q = exp(scores / eps)^T normalized to total mass 1, then N rounds of: prototypes (rows)
   sum to 1/P, samples (columns) sum to 1/n_valid; returned as (Q n_valid)^T, so each
@@ -337,12 +350,11 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   (identical rows get identical scalings), with n_valid = the sum of the counts.
 
   Eq. 7's form diag(r) K diag(s) is kept literally: the loop updates only the scaling
-  vectors (two matrix-vector products per round, no [n, P] writes), and the codes
-  r_i K_ip s_p are formed once at the end, where XLA fuses them into their consumer.
-  Scores are cosines in [-1, 1] (larger values are clipped to 1): shifting them by the
-  bound 1 is a scalar rescaling of K (undone exactly by the normalizations) that keeps
-  every exp in [exp(-2 / eps), 1], far above float32 underflow for eps >= 0.03, and needs
-  no pass over [n, P] to find the max. The tiny floors only guard the degenerate case.
+  vectors (two matrix-vector products per round, no [n, P] writes). Scores are cosines in
+  [-1, 1] (larger values are clipped to 1): shifting them by the bound 1 is a scalar
+  rescaling of K (undone exactly by the normalizations) that keeps every exp in
+  [exp(-2 / eps), 1], far above float32 underflow for eps >= 0.03, and needs no pass over
+  [n, P] to find the max. The tiny floors only guard the degenerate case.
   `kernel`: that K (bounded_exp(scores, epsilon)) where the caller already has it.
   """
   n_samples, _ = scores.shape
@@ -364,7 +376,13 @@ def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
   r, s = jax.lax.fori_loop(0, n_iterations, normalize_round,
                            (weight, jnp.ones((n_prototypes,), scores.dtype)))
   per_sample = jnp.where(weight > 0, r * n_valid / jnp.maximum(weight, tiny), 0.0)
-  return per_sample[:, None] * kernel * s[None, :]
+  return Codes(per_sample, kernel, s)
+
+
+def sinkhorn_knopp(scores: Array, n_iterations: int, epsilon: float,
+                   sample_mask: Array = None) -> Array:
+  """Codes q (Eq. 7) as an [n, P] array (`sinkhorn_scalings`, formed)."""
+  return sinkhorn_scalings(scores, n_iterations, epsilon, sample_mask).dense()
 
 
 def prototype_scores(embeddings: Array, codebook: Array) -> Array:
@@ -373,19 +391,20 @@ def prototype_scores(embeddings: Array, codebook: Array) -> Array:
 
 
 def cluster_codes(scores: Array, sample_mask: Array, n_iterations: int,
-                  epsilon: float, kernel: Array = None) -> Array:
+                  epsilon: float, kernel: Array = None) -> Codes:
   """Sinkhorn codes as fixed targets: no gradient flows into q (SwAV)."""
   if kernel is not None:
     kernel = jax.lax.stop_gradient(kernel)
-  return sinkhorn_knopp(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask,
-                        kernel)
+  return sinkhorn_scalings(jax.lax.stop_gradient(scores), n_iterations, epsilon, sample_mask,
+                           kernel)
 
 
 class ClusterPrediction(NamedTuple):
-  """SoftMax(i C / lambda_c) (Eq. 8-9), the predicted assignment, kept as the cosines s,
-  1 / lambda_c and the log-partition lse(s / lambda_c): neither the logits nor log p is
-  materialized as its own [n, P] array."""
-  scores: Array               # [n, P] cosines s
+  """SoftMax(x C / lambda_c) (Eq. 8-9) of unit rows x against unit prototype columns C,
+  kept as x, C, 1 / lambda_c and the log-partition lse(x C / lambda_c): neither the logits
+  nor log p is materialized as its own [n, P] array."""
+  rows: Array                 # [n, L] unit rows x
+  codebook: Array             # [L, P] unit columns C
   inverse_temperature: float  # 1 / lambda_c
   log_partition: Array        # [n]
 
@@ -393,18 +412,53 @@ class ClusterPrediction(NamedTuple):
 def bounded_exp(scores: Array, temperature: float) -> Array:
   """exp((s - 1) / T) for cosines s <= 1 (larger values clipped): in [exp(-2 / T), 1], no
   max pass needed. Sinkhorn's kernel and the prediction's softmax share this form
-  (`prediction_and_codes` computes it once for both)."""
-  return jnp.exp((jnp.minimum(scores, 1.0) - 1.0) / temperature)
+  (`prediction_and_codes` computes it once for both).
+
+  The clip is a guard against rounding (a cosine exceeds 1 by a few ulps at most), written
+  so that its gradient is that of exp((s - 1) / T) everywhere: the backward pass then needs
+  only the exps, not another read of the [n, P] cosines to locate the clipped entries."""
+  overshoot = jax.lax.stop_gradient(jnp.maximum(scores - 1.0, 0.0))
+  return jnp.exp((scores - 1.0 - overshoot) / temperature)
 
 
-def cluster_prediction(scores: Array, temperature: float,
+def cluster_prediction(rows: Array, codebook: Array, temperature: float,
                        exps: Array = None) -> ClusterPrediction:
-  """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T): one pass, no max.
-  `exps`: bounded_exp(scores, temperature) where the caller already has it."""
+  """log-partition lse(s / T) = 1 / T + log sum_p exp((s_p - 1) / T), s = rows @ codebook
+  (unit rows and columns): one pass, no max. `exps`: bounded_exp(s, T) where the caller
+  already has it."""
   if exps is None:
-    exps = bounded_exp(scores, temperature)
-  log_partition = 1.0 / temperature + jnp.log(jnp.sum(exps, axis=-1))
-  return ClusterPrediction(scores, 1.0 / temperature, log_partition)
+    exps = bounded_exp(rows @ codebook, temperature)
+  log_partition = _log_partition(rows, codebook, jax.lax.stop_gradient(exps),
+                                 jnp.asarray(1.0 / temperature, exps.dtype))
+  return ClusterPrediction(rows, codebook, 1.0 / temperature, log_partition)
+
+
+@jax.custom_vjp
+def _log_partition(rows: Array, codebook: Array, exps: Array, inverse_temperature: Array):
+  """1 / T + log sum_p exps for exps = bounded_exp(rows @ codebook, T), differentiated with
+  respect to rows and codebook through the exps (the caller passes them stopped).
+
+  Its gradient, softmax / T per row, meets the codebook in two products that read the exps
+  themselves, with the per-row weight g / (Z T) moved outside: d rows = diag(w) E C^T,
+  d C = (diag(w) x)^T E. Autodiff would first write the [n, P] array diag(w) E and then
+  read it twice (one [n, P] write fewer per prediction)."""
+  return inverse_temperature + jnp.log(jnp.sum(exps, axis=-1))
+
+
+def _log_partition_fwd(rows, codebook, exps, inverse_temperature):
+  partition = jnp.sum(exps, axis=-1)
+  return (inverse_temperature + jnp.log(partition),
+          (rows, codebook, exps, partition, inverse_temperature))
+
+
+def _log_partition_bwd(residuals, cotangent):
+  rows, codebook, exps, partition, inverse_temperature = residuals
+  weight = cotangent * inverse_temperature / partition  # [n]
+  return (weight[:, None] * (exps @ codebook.T), (rows * weight[:, None]).T @ exps, None,
+          None)
+
+
+_log_partition.defvjp(_log_partition_fwd, _log_partition_bwd)
 
 
 def _small_integer_ratio(temperature, epsilon):
@@ -416,43 +470,43 @@ def _small_integer_ratio(temperature, epsilon):
   return power if 1 <= power <= 4 and abs(ratio - power) < 1e-6 else None
 
 
-def prediction_and_codes(scores: Array, sample_mask: Array, temperature: float,
-                         n_iterations: int, epsilon: float) -> Tuple[ClusterPrediction, Array]:
-  """SoftMax(s / lambda_c) (Eq. 8-9) and the Sinkhorn codes (Eq. 7) of one [n, P] score
-  array, from one exp pass where lambda_c / eps is an integer k <= 4: Sinkhorn's kernel
-  exp((s - 1) / eps) = exp((s - 1) / lambda_c)^k, k - 1 multiplies instead of a second
-  exp (k = 1: the paper's 0.05 / 0.05; k = 2: the ml100k setting's 0.1 / 0.05)."""
+def prediction_and_codes(rows: Array, codebook: Array, sample_mask: Array, temperature: float,
+                         n_iterations: int, epsilon: float) -> Tuple[ClusterPrediction, Codes]:
+  """SoftMax(s / lambda_c) (Eq. 8-9) and the Sinkhorn codes (Eq. 7) of the cosines
+  s = rows @ codebook (unit rows, unit columns), from one exp pass where lambda_c / eps is
+  an integer k <= 4: Sinkhorn's kernel exp((s - 1) / eps) = exp((s - 1) / lambda_c)^k,
+  k - 1 multiplies instead of a second exp (k = 1: the paper's 0.05 / 0.05; k = 2: the
+  ml100k setting's 0.1 / 0.05)."""
+  scores = rows @ codebook
   exps = bounded_exp(scores, temperature)
   power = _small_integer_ratio(temperature, epsilon)
   kernel = None if power is None else jax.lax.integer_pow(exps, power)
-  return (cluster_prediction(scores, temperature, exps),
+  return (cluster_prediction(rows, codebook, temperature, exps),
           cluster_codes(scores, sample_mask, n_iterations, epsilon, kernel))
 
 
-def code_cross_entropy(codes: Array, prediction: ClusterPrediction,
-                       code_mass: Array = None) -> Array:
-  """-q^T log p = lse(z) sum(q) - q^T z with z = s / lambda_c, per sample (the brackets of
-  Eq. 8-9).
-
-  One fused pass over [n, P] forward and one backward (softmax(z) sum(q) - q). 1 / lambda_c
-  scales the per-sample sum q^T s, not the [n, P] cosines (XLA:CPU otherwise writes the
-  constant out as an [n, P] array each step to feed the fused reduction).
-  code_mass: sum(q) per sample where the caller knows it (`sinkhorn_code_mass`): one
-  [n, P] pass fewer.
-  """
-  if code_mass is None:
-    code_mass = jnp.sum(codes, axis=-1)
-  return (prediction.log_partition * code_mass
-          - prediction.inverse_temperature * jnp.sum(codes * prediction.scores, axis=-1))
+def code_mixture(codes: Codes, codebook: Array) -> Array:
+  """q C^T, [n, L]: each code's mix of the (unit) prototype vectors, from the factors as
+  row * (K (C diag(column))^T): one [n, P] x [P, L] product reading K. The codes carry no
+  gradient; the codebook does (q^T x, as through the [n, P] cross term)."""
+  return codes.row[:, None] * (codes.kernel @ (codebook * codes.column[None, :]).T)
 
 
-def sinkhorn_code_mass(sample_mask: Array, n_iterations: int, dtype) -> Any:
-  """Each code's sum, known without a pass over it: Sinkhorn's last step scales every
-  sample's row to sum 1 (Eq. 7's column constraint; 0 for masked samples), so a target that
-  sums c codes has mass c. None (sum the codes) when no round runs."""
-  if n_iterations < 1:
-    return None
-  return sample_mask.astype(dtype)
+def code_mass(codes: Codes, sample_mask: Array, n_iterations: int) -> Array:
+  """Each code's sum. Known without a pass over K after a Sinkhorn round: the last step
+  scales every sample's row to sum 1 (Eq. 7's column constraint; 0 for masked samples)."""
+  if n_iterations >= 1:
+    return (sample_mask > 0).astype(codes.row.dtype)
+  return codes.row * (codes.kernel @ codes.column)
+
+
+def code_cross_entropy(target_mixture: Array, target_mass: Array,
+                       prediction: ClusterPrediction) -> Array:
+  """-q^T log p = lse(z) sum(q) - q^T z with z = x C / lambda_c, per row (the brackets of
+  Eq. 8-9), for a target q given by its mixture q C^T (`code_mixture`, or a sum of them)
+  and its sum: q^T (x C) = x . (q C^T), an [n, L] product instead of a pass over [n, P]."""
+  return (prediction.log_partition * target_mass - prediction.inverse_temperature
+          * jnp.sum(prediction.rows * target_mixture, axis=-1))
 
 
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
@@ -471,14 +525,15 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
     return jnp.zeros((), item_emb_by_modality.dtype)
+  unit_codebook = l2_normalize(codebook, axis=0)
   predictions, codes = zip(*[
-      prediction_and_codes(prototype_scores(item_emb_by_modality[:, m], codebook), valid,
+      prediction_and_codes(l2_normalize(item_emb_by_modality[:, m]), unit_codebook, valid,
                            temperature, n_iterations, epsilon) for m in range(n_modalities)])
-  all_codes = sum(codes)
-  mass = sinkhorn_code_mass(valid, n_iterations, all_codes.dtype)  # each code sums to 1
-  target_mass = None if mass is None else (n_modalities - 1) * mass
-  per_item = sum(code_cross_entropy(all_codes - codes[m], predictions[m], target_mass)
-                 for m in range(n_modalities))
+  mixtures = [code_mixture(c, unit_codebook) for c in codes]
+  masses = [code_mass(c, valid, n_iterations) for c in codes]
+  all_mixtures, all_masses = sum(mixtures), sum(masses)
+  per_item = sum(code_cross_entropy(all_mixtures - mixtures[m], all_masses - masses[m],
+                                    predictions[m]) for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
 
@@ -502,16 +557,9 @@ class ClusterSide(NamedTuple):
   counts: Any        # int32 [n_rows] pairs per row (0 = padding), or None
 
 
-def _pair_codes(codes: Array, side: ClusterSide) -> Array:
-  """The code of each pair's row, [B, P]."""
-  return codes if side.of_pair is None else codes[side.of_pair]
-
-
-def _summed_over_rows(pair_values: Array, side: ClusterSide) -> Array:
-  """sum over the pairs of each row: [B, P] -> [n_rows, P]."""
-  if side.of_pair is None:
-    return pair_values
-  return jax.ops.segment_sum(pair_values, side.of_pair, num_segments=side.counts.shape[0])
+def _at_pairs(row_values: Array, side: ClusterSide) -> Array:
+  """Each pair's row of `row_values` ([n_rows, ...] -> [B, ...])."""
+  return row_values if side.of_pair is None else row_values[side.of_pair]
 
 
 def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, codebook: Array,
@@ -520,27 +568,27 @@ def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, 
   """L_UI^CLA (Eq. 9) with each side on pair rows or on its unique rows.
 
   On unique rows, Sinkhorn weighs a row by its number of pairs (= Sinkhorn over the
-  repeated rows), and a row's cross-entropy takes the sum of its pairs' partner codes
-  (CE is linear in the code): sum_b CE(q^{i_b}, u_b) = sum_v CE(sum_{b: u_b = v} q^{i_b}, v).
-  Exact; cuts the [rows, P] work where the batch repeats users or items.
+  repeated rows), and each pair's cross-entropy reads its rows' log-partitions, unit
+  embeddings and code mixtures ([B] and [B, L] gathers: no [B, P] array is formed). Exact;
+  cuts the [rows, P] work where the batch repeats users or items.
   """
+  unit_codebook = l2_normalize(codebook, axis=0)
+
   def side_terms(side):
-    return prediction_and_codes(prototype_scores(side.embeddings, codebook), side.counts,
-                                temperature, n_iterations, epsilon)
+    counts = side.counts if side.counts is not None else jnp.ones(
+        side.embeddings.shape[:1], jnp.int32)
+    prediction, codes = prediction_and_codes(l2_normalize(side.embeddings), unit_codebook,
+                                             side.counts, temperature, n_iterations, epsilon)
+    pair_prediction = prediction._replace(rows=_at_pairs(prediction.rows, side),
+                                          log_partition=_at_pairs(prediction.log_partition, side))
+    return (pair_prediction, _at_pairs(code_mixture(codes, unit_codebook), side),
+            _at_pairs(code_mass(codes, counts, n_iterations), side))
 
-  user_prediction, user_codes = side_terms(users)
-  item_prediction, item_codes = side_terms(items)
-  user_targets = _summed_over_rows(_pair_codes(item_codes, items), users)
-  item_targets = _summed_over_rows(_pair_codes(user_codes, users), items)
-  n_pairs = (users.of_pair if users.of_pair is not None else users.embeddings).shape[0]
-
-  def target_mass(side):  # a row's target sums one partner code (mass 1) per pair
-    pairs = jnp.ones((n_pairs,)) if side.counts is None else side.counts
-    return sinkhorn_code_mass(pairs, n_iterations, user_targets.dtype)
-
-  return (jnp.sum(code_cross_entropy(user_targets, user_prediction, target_mass(users)))
-          + jnp.sum(code_cross_entropy(item_targets, item_prediction, target_mass(items)))
-          ) / n_pairs
+  user_prediction, user_mixture, user_mass = side_terms(users)
+  item_prediction, item_mixture, item_mass = side_terms(items)
+  n_pairs = user_mass.shape[0]
+  return (jnp.sum(code_cross_entropy(item_mixture, item_mass, user_prediction))
+          + jnp.sum(code_cross_entropy(user_mixture, user_mass, item_prediction))) / n_pairs
 
 
 # ------------------------------------------------------------ all terms on the unique items
