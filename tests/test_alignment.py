@@ -681,6 +681,26 @@ def test_cluster_codes_carry_no_gradient():
   assert np.abs(np.asarray(through) - np.asarray(actual[0])).max() > 1e-4
 
 
+@pytest.mark.parametrize("n_iterations, temperature", [(3, 0.05), (0, 0.1), (2, 0.07)])
+def test_item_cluster_targets_as_arrays_or_mixtures_agree(n_iterations, temperature):
+  """L_ITV^CLA's two exact forms (dense [U, P] targets for small arrays, code mixtures for
+  large ones) give the same value and gradients, padding rows included."""
+  rng = np.random.default_rng(13)
+  embeddings = jnp.asarray(rng.normal(size=(12, 3, 8)), jnp.float32)
+  codebook = jnp.asarray(rng.normal(size=(8, 17)), jnp.float32)
+  valid = jnp.asarray(np.arange(12) < 9)
+
+  def loss(dense):
+    return jax.jit(jax.value_and_grad(lambda e, c: fettle.item_cluster_alignment_loss(
+        e, c, valid, temperature, n_iterations, 0.05, dense_targets=dense), argnums=(0, 1)))(
+            embeddings, codebook)
+
+  dense, mixed = loss(True), loss(False)
+  chex.assert_trees_all_close(dense, mixed, **TOL)
+  assert np.abs(np.asarray(dense[1][0])).sum() > 0 and np.abs(np.asarray(dense[1][1])).sum() > 0
+  np.testing.assert_array_equal(np.asarray(dense[1][0])[9:], 0.0)  # padding gets no gradient
+
+
 # ------------------------------------------------------------------------------- scale
 
 

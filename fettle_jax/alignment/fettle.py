@@ -479,10 +479,16 @@ def prediction_and_codes(rows: Array, codebook: Array, sample_mask: Array, tempe
   ml100k setting's 0.1 / 0.05)."""
   scores = rows @ codebook
   exps = bounded_exp(scores, temperature)
-  power = _small_integer_ratio(temperature, epsilon)
-  kernel = None if power is None else jax.lax.integer_pow(exps, power)
   return (cluster_prediction(rows, codebook, temperature, exps),
-          cluster_codes(scores, sample_mask, n_iterations, epsilon, kernel))
+          cluster_codes(scores, sample_mask, n_iterations, epsilon,
+                        sinkhorn_kernel(exps, temperature, epsilon)))
+
+
+def sinkhorn_kernel(exps: Array, temperature: float, epsilon: float) -> Any:
+  """Sinkhorn's kernel exp((s - 1) / eps) from the prediction's exp((s - 1) / lambda_c) as
+  its k-th power where lambda_c / eps is an integer k <= 4; else None (computed anew)."""
+  power = _small_integer_ratio(temperature, epsilon)
+  return None if power is None else jax.lax.integer_pow(exps, power)
 
 
 def code_mixture(codes: Codes, codebook: Array) -> Array:
@@ -509,9 +515,53 @@ def code_cross_entropy(target_mixture: Array, target_mass: Array,
           * jnp.sum(prediction.rows * target_mixture, axis=-1))
 
 
+def dense_code_cross_entropy(rows: Array, codebook: Array, scores: Array, exps: Array,
+                             target: Array, target_mass: Array, temperature) -> Array:
+  """`code_cross_entropy` for a target given as an [n, P] array q (scores = rows @ codebook,
+  exps = bounded_exp(scores, temperature)): lse(s / T) sum(q) - q^T s / T per row, with
+  respect to rows and codebook only. Its gradient meets the codebook through one [n, P]
+  array dS = (sum(q) softmax(s / T) - q) / T and two products (`_dense_cross_entropy`)."""
+  stopped = jax.lax.stop_gradient
+  return _dense_cross_entropy(rows, codebook, stopped(scores), stopped(exps), stopped(target),
+                              stopped(target_mass), jnp.asarray(1.0 / temperature, exps.dtype))
+
+
+@jax.custom_vjp
+def _dense_cross_entropy(rows, codebook, scores, exps, target, target_mass, inverse_temperature):
+  return _dense_cross_entropy_fwd(rows, codebook, scores, exps, target, target_mass,
+                                  inverse_temperature)[0]
+
+
+def _dense_cross_entropy_fwd(rows, codebook, scores, exps, target, target_mass,
+                             inverse_temperature):
+  partition = jnp.sum(exps, axis=-1)
+  log_partition = inverse_temperature + jnp.log(partition)
+  value = (log_partition * target_mass
+           - inverse_temperature * jnp.sum(target * scores, axis=-1))
+  return value, (rows, codebook, exps, partition, target, target_mass, inverse_temperature)
+
+
+def _dense_cross_entropy_bwd(residuals, cotangent):
+  rows, codebook, exps, partition, target, target_mass, inverse_temperature = residuals
+  d_scores = (inverse_temperature * cotangent)[:, None] * (
+      (target_mass / partition)[:, None] * exps - target)
+  return (d_scores @ codebook.T, rows.T @ d_scores, None, None, None, None, None)
+
+
+_dense_cross_entropy.defvjp(_dense_cross_entropy_fwd, _dense_cross_entropy_bwd)
+
+
+# Up to this size of one modality's [U, P] cosines, L_ITV^CLA forms its targets as [U, P]
+# arrays (fewer products: cache-resident passes are cheap); beyond it, as code mixtures
+# (fewer passes over arrays that stream from memory). Timings: RESULTS.md, 2026-12-03
+# fifth session (ml100k's [800, 256]: dense 0.5-1.0 ms faster per step; Baby's
+# [1696, 10240]: mixtures ~100 ms faster per step).
+_DENSE_TARGETS_MAX_BYTES = 8 << 20
+
+
 def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, valid: Array,
                                 temperature: float, n_iterations: int,
-                                epsilon: float) -> Array:
+                                epsilon: float, dense_targets: bool = None) -> Array:
   """L_ITV^CLA (Eq. 8): swapped code prediction across each item's modalities.
 
   item_emb_by_modality [U, |M|, L] for the batch's unique items, one shared codebook
@@ -520,20 +570,37 @@ def item_cluster_alignment_loss(item_emb_by_modality: Array, codebook: Array, va
   valid items (1/|I|). CE is linear in the code, so the pairs regroup per predicting
   modality m as CE(sum_{n != m} q^n, i^m): |M| cross-entropies instead of |M|(|M|-1).
   (One product per modality: stacking them into one [|M| U, L] x [L, P] product and a
-  vmapped Sinkhorn was 2x slower on XLA:CPU.)
+  vmapped Sinkhorn was 2x slower on XLA:CPU.) `dense_targets`: the targets as [U, P] arrays
+  or as code mixtures (same values; None = by size, `_DENSE_TARGETS_MAX_BYTES`).
   """
   n_modalities = item_emb_by_modality.shape[1]
   if n_modalities < 2:
     return jnp.zeros((), item_emb_by_modality.dtype)
   unit_codebook = l2_normalize(codebook, axis=0)
-  predictions, codes = zip(*[
-      prediction_and_codes(l2_normalize(item_emb_by_modality[:, m]), unit_codebook, valid,
-                           temperature, n_iterations, epsilon) for m in range(n_modalities)])
-  mixtures = [code_mixture(c, unit_codebook) for c in codes]
+  rows = [l2_normalize(item_emb_by_modality[:, m]) for m in range(n_modalities)]
+  scores = [r @ unit_codebook for r in rows]
+  exps = [bounded_exp(s, temperature) for s in scores]
+  codes = [cluster_codes(s, valid, n_iterations, epsilon, sinkhorn_kernel(e, temperature, epsilon))
+           for s, e in zip(scores, exps)]
   masses = [code_mass(c, valid, n_iterations) for c in codes]
-  all_mixtures, all_masses = sum(mixtures), sum(masses)
-  per_item = sum(code_cross_entropy(all_mixtures - mixtures[m], all_masses - masses[m],
-                                    predictions[m]) for m in range(n_modalities))
+  all_masses = sum(masses)
+  if dense_targets is None:
+    dense_targets = scores[0].size * scores[0].dtype.itemsize <= _DENSE_TARGETS_MAX_BYTES
+  if dense_targets:
+    # The modalities share their rows (the items), so the targets sum_{n != m} q^n are
+    # plain [U, P] sums, formed where they are used.
+    dense = [c.dense() for c in codes]
+    all_codes = sum(dense)
+    per_item = sum(dense_code_cross_entropy(
+        rows[m], unit_codebook, scores[m], exps[m], all_codes - dense[m],
+        all_masses - masses[m], temperature) for m in range(n_modalities))
+  else:
+    mixtures = [code_mixture(c, unit_codebook) for c in codes]
+    all_mixtures = sum(mixtures)
+    predictions = [cluster_prediction(r, unit_codebook, temperature, e)
+                   for r, e in zip(rows, exps)]
+    per_item = sum(code_cross_entropy(all_mixtures - mixtures[m], all_masses - masses[m],
+                                      predictions[m]) for m in range(n_modalities))
   return masked_mean(per_item, valid)
 
 
