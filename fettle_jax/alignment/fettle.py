@@ -325,9 +325,11 @@ def direction_tuning_loss(directed: DirectionQueries, mean_user_emb: Array, vali
 
 class Codes(NamedTuple):
   """Sinkhorn codes (Eq. 7) in the form Eq. 7 writes them, diag(r) K diag(s): q_ip =
-  row_i K_ip column_p. The [n, P] product itself is never formed in training: its
-  consumers need only each code's sum and q C^T (`code_mixture`), which the factors give
-  from K directly (one write and one read of an [n, P] array fewer per code set)."""
+  row_i K_ip column_p. Consumers that need only each code's sum and q C^T
+  (`code_mixture`) take them from the factors, so the [n, P] product is formed only where
+  a dense target is cheaper (L_ITV^CLA on small arrays, `dense`): for L_UI^CLA's unique
+  rows it saves the [B, P] gathers and sums of partner codes, for large arrays one [n, P]
+  write and read per code set."""
   row: Array     # [n]
   kernel: Array  # [n, P] K = exp((s - 1) / eps)
   column: Array  # [P]
@@ -903,7 +905,7 @@ def init(rng: Array, data_info: DataInfo, config) -> Params:
       "projectors": init_feature_projectors(r_proj, data_info.feature_dims, dim),
       "alignment_ffn": {direction_name(names, m, n): init_residual_ffn(r, dim, cfg.projector_hidden)
                         for (m, n), r in zip(pairs, ffn_rngs)},
-      # Free parameters; columns are L2-normalized where used (prototype_scores).
+      # Free parameters; columns are L2-normalized where used (cosines, Eq. 7-9).
       "codebook_item": xavier_uniform(r_item, (dim, cfg.prototypes_item)),
       "codebook_user": xavier_uniform(r_user, (dim, cfg.prototypes_user)),
   }
