@@ -42,6 +42,9 @@ from fettle_jax.losses import l2_normalize, log_sum_exp_below, masked_mean
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 from fettle_jax.errors import ConfigError
 
+# ILA's minority rows (at most U // 2) in this many chunks, all but the first run only when
+# occupied (`item_level_alignment_loss`; 4 chunks of U // 8 were slower than 2).
+_MINORITY_CHUNKS = 2
 _MASKED_LOGIT = -1e30  # a key left out of a softmax: exp(-1e30 / T) == 0 in float32
 
 
@@ -266,7 +269,10 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
   [L, K]): 1.5 U K L multiply-adds per pair instead of the 2 U K L of both key sets for
   every row (timings: RESULTS.md, 2026-12-03 third session). Each row reads its
   log-partition from the product that holds its own target. (Bidirectional reverse rows
-  all target m, so their minority product is empty work.)
+  all target m, so their minority product is empty work.) The minority rows are taken in
+  `_MINORITY_CHUNKS` static chunks, each after the first run only when rows reach it: in
+  training the minority side soon holds a few percent of the rows (RESULTS.md, 2026-12-03
+  fourth and fifth sessions), and its second half is skipped.
   """
   keys = l2_normalize(jax.lax.stop_gradient(target_keys))  # sg(j^n): only the source moves
   # A masked key's logit is -1e30: its exp is exactly 0, as with -inf (the add fuses into
@@ -288,8 +294,22 @@ def item_level_alignment_loss(directed: DirectionQueries, target_keys: Array,
     (minority_rows,) = jnp.nonzero(minority, size=minority_capacity, fill_value=0)
     slot = jnp.clip(jnp.cumsum(minority.astype(jnp.int32)) - 1, 0, minority_capacity - 1)
     majority_lse = log_sum_exp_below(scaled[r] @ majority_keys.T + bias, inverse_temperature)
-    minority_lse = log_sum_exp_below(scaled[r][minority_rows] @ minority_keys.T + bias,
-                                     inverse_temperature)
+    n_minority = jnp.sum(minority.astype(jnp.int32))
+    chunk = -(-minority_capacity // _MINORITY_CHUNKS)
+
+    def chunk_lse(rows):
+      return lambda q, k: log_sum_exp_below(q[rows] @ k.T + bias, inverse_temperature)
+
+    chunks = []
+    for start in range(0, minority_capacity, chunk):
+      rows = minority_rows[start:start + chunk]
+      if start == 0:
+        chunks.append(chunk_lse(rows)(scaled[r], minority_keys))
+      else:
+        chunks.append(jax.lax.cond(n_minority > start, chunk_lse(rows),
+                                   lambda q, k, n=rows.shape[0]: jnp.zeros((n,), q.dtype),
+                                   scaled[r], minority_keys))
+    minority_lse = jnp.concatenate(chunks)
     log_partition = jnp.where(minority, minority_lse[slot], majority_lse)  # [U]
     positive_keys = jnp.where(to_second[:, None], keys[positive_index, n],
                               keys[positive_index, m])
