@@ -667,7 +667,7 @@ def grouped_user_cluster_alignment_loss(users: ClusterSide, items: ClusterSide, 
     counts = side.counts if side.counts is not None else jnp.ones(
         side.embeddings.shape[:1], jnp.int32)
     prediction, codes = prediction_and_codes(l2_normalize(side.embeddings), unit_codebook,
-                                             side.counts, temperature, n_iterations, epsilon)
+                                             counts, temperature, n_iterations, epsilon)
     pair_prediction = prediction._replace(rows=_at_pairs(prediction.rows, side),
                                           log_partition=_at_pairs(prediction.log_partition, side))
     return (pair_prediction, _at_pairs(code_mixture(codes, unit_codebook), side),
