@@ -14,7 +14,9 @@ hits them alike.
 `--terms` (default on) adds, per backbone, one row per FETTLE term: forward + backward of
 that term alone on one real batch (the backbone's representations at init), on the
 branch (unique-item prefix) the batch takes; FLOPs from XLA's cost analysis of that
-compiled program. `--json=FILE` writes every number.
+compiled program; and a `floor` row: all terms' FLOPs at the measured matmul rate, and the
++fettle / alone step ratio that would leave (a bound for this code's arithmetic here).
+`--json=FILE` writes every number.
 
 `--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
 fettle_jax/alignment/fettle.py (e.g. `git worktree add /tmp/before <commit>`), loaded as
@@ -117,8 +119,8 @@ def term_rows(data, backbone_name, entry):
   n_items = int(np.sum(np.asarray(index.valid)))
   n_users = (inputs.users.shape[0] if index.user_counts is None
              else int(np.sum(np.asarray(index.user_counts) > 0)))
-  ladder = fettle.buckets(index.valid.shape[0], inputs.users.shape[0], cfg.typical_batch_items,
-                          cfg.typical_batch_users if index.user_counts is not None else 0)
+  ladder = fettle.buckets(index.valid.shape[0], inputs.users.shape[0],
+                          *fettle.static_bucket_hints(cfg, index.user_counts is not None))
   bucket = next(b for b in ladder if n_items <= b.items and n_users <= b.users)
   rows = []
   for name in fettle.enabled_terms(len(layout.names), cfg):
@@ -235,6 +237,16 @@ def run_steps(entry, n_steps, offset):
   return (time.perf_counter() - start) / n_steps
 
 
+def arithmetic_floor(term_rows_: list, matmul_gflops_per_s: float, step_ms: dict) -> dict:
+  """What the terms' FLOPs (XLA's count for this code) would take at the machine's matmul
+  rate, and the +fettle / alone step ratio that leaves: this arithmetic runs no faster
+  here, however it is scheduled; only fewer FLOPs would."""
+  gflop = sum(r["flops"] for r in term_rows_) / 1e9
+  ms = gflop / matmul_gflops_per_s * 1e3
+  base = next(iter(step_ms.values()))
+  return {"gflop": gflop, "ms": ms, "ratio": (base + ms) / base}
+
+
 def main(argv):
   del argv
   if _BASELINE.value:
@@ -285,6 +297,10 @@ def main(argv):
               f"{r['gflops_per_s']:6.1f} GFLOP/s ({100 * r['gflops_per_s'] / best_rate:4.1f}% of "
               f"matmul) | {r['items']} items, {r['users']} users -> bucket {r['bucket']}",
               flush=True)
+      floor = arithmetic_floor(rows, best_rate, report["steps"][backbone_name])
+      report.setdefault("floor", {})[backbone_name] = floor
+      print(f"  floor    {floor['gflop']:8.3f} GFLOP {floor['ms']:8.2f} ms at the matmul rate: "
+            f"+fettle >= {floor['ratio']:.2f}x of {backbone_name} alone", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(report, f, indent=2)

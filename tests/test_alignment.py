@@ -383,7 +383,7 @@ def test_user_cluster_term_on_unique_or_pair_rows_matches_reference(n_users, n_i
 
 
 def test_typical_bucket_from_data_is_exact_and_taken():
-  """fit_static_shapes sizes the first branch; a batch larger than it takes a later one."""
+  """fit_static_shapes sizes the first branches; a batch larger than one takes a later one."""
   data_info, reps, features, batch = make_problem(seed=6)
   cfg = make_config()
   pairs = np.stack([np.asarray(batch.users), np.asarray(batch.pos_items)], axis=1)
@@ -397,10 +397,22 @@ def test_typical_bucket_from_data_is_exact_and_taken():
                                       reps, features, batch, cfg.fettle)
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
   # First branch: too few item slots, exactly the batch's rows, too few user rows.
+  # Every sample holds all 16 pairs: the median batch is the largest, no common branch.
+  assert (cfg.fettle.common_batch_items, cfg.fettle.common_batch_users) == (
+      cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users)
   for typical in [(3, n_users), (n_items, n_users), (8, n_users - 1)]:
     cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = typical
-    ladder = fettle.buckets(9, 10, *typical)
+    ladder = fettle.buckets(9, 10, *typical, *typical)
     assert ladder == [typical, (9, 10)]  # two branches: each is a compiled copy of every term
+    total, _ = jitted_loss(fettle, cfg)(params, reps, features, batch)
+    chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+  # A smaller common branch first: the batch fits it, or too few items / users send it on.
+  assert n_items <= 8
+  cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = 8, n_users
+  for common in [(n_items, n_users), (3, n_users), (n_items, n_users - 1)]:
+    cfg.fettle.common_batch_items, cfg.fettle.common_batch_users = common
+    ladder = fettle.buckets(9, 10, 8, n_users, *common)
+    assert ladder == [common, (8, n_users), (9, 10)]
     total, _ = jitted_loss(fettle, cfg)(params, reps, features, batch)
     chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
 
@@ -772,7 +784,8 @@ def test_default_config_fields():
       prototypes_item=10240, prototypes_user=20480, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
       directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0, use_ila=True,
       use_dt=True, dt_similarity="cosine", use_cla=True, projector_hidden=64,
-      use_backbone_modalities=True, typical_batch_items=0, typical_batch_users=0)
+      use_backbone_modalities=True, typical_batch_items=0, typical_batch_users=0,
+      common_batch_items=0, common_batch_users=0)
 
 
 @pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue"),

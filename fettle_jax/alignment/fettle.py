@@ -70,10 +70,15 @@ def default_config() -> ml_collections.ConfigDict:
       "use_cla": True,  # bool: cluster-level alignment L_UI + L_ITV (Table 3 ablation)
       "projector_hidden": 64,  # int: hidden width of each residual FFN f^{m->n} (Eq. 3)
       "use_backbone_modalities": True,  # bool: prefer reps.modality_items[m] over own projectors
-      # int: static sizes of the first bucket of the batch's distinct items / users (speed
-      # only; results are exact whatever they are); 0 = set from the data by fit_static_shapes.
+      # int: static sizes of the branch that every sampled batch's distinct items / users fit
+      # (speed only; results are exact whatever they are); 0 = set from the data by
+      # fit_static_shapes.
       "typical_batch_items": 0,
       "typical_batch_users": 0,
+      # int: the same for a smaller first branch that most batches fit (the median batch);
+      # 0 = from the data; a size >= the typical one adds no branch.
+      "common_batch_items": 0,
+      "common_batch_users": 0,
   })
 
 
@@ -789,22 +794,41 @@ class Bucket(NamedTuple):
 
 
 def buckets(item_capacity: int, user_capacity: int, typical_items: int = 0,
-            typical_users: int = 0) -> List[Bucket]:
+            typical_users: int = 0, common_items: int = 0,
+            common_users: int = 0) -> List[Bucket]:
   """The branches, smallest first; the last holds every slot (so every batch has one).
 
-  Without hints: `bucket_sizes` of the item buffer, all user rows. With the typical
-  distinct items / users of a batch (`fit_static_shapes`), two branches: exactly that size,
-  then the whole buffer. A batch's distinct count varies little (ml100k: 700-788 items of
-  1,682 slots, typical 800), so almost every step runs on ~its true size, and the rare
-  larger batch pays the full buffer once rather than every run compiling the quarter
-  sizes in between (each branch is a copy of every term and its gradient: ml100k
+  Without hints: `bucket_sizes` of the item buffer, all user rows. With the distinct items
+  / users that every sampled batch fits (typical) and that the median batch fits (common,
+  `fit_static_shapes`), up to three branches: the common size, the typical size, the whole
+  buffer. A batch's distinct count varies little (ml100k: 704-782 items of 1,682 slots,
+  median 745; common 768, typical 800), so almost every step runs on ~its true size, and
+  the rare larger batch pays a larger branch once rather than every run compiling the
+  quarter sizes in between (each branch is a copy of every term and its gradient: ml100k
   FREEDOM+FETTLE's first epoch without a compilation cache, 4 branches 18.5-22.3 s, 2
   branches 10.1-11.6 s; 0 of 3,900 sampled ml100k batches exceed the typical branch).
+  The common branch pays where the terms grow with the rows: ILA's [U, U] logits
+  (ml100k: (768 / 800)^2 = 0.92 of the products).
   """
-  if 0 < typical_items < item_capacity:
-    return [Bucket(typical_items, min(typical_users or user_capacity, user_capacity)),
-            Bucket(item_capacity, user_capacity)]
-  return [Bucket(size, user_capacity) for size in bucket_sizes(item_capacity)]
+  if not 0 < typical_items < item_capacity:
+    return [Bucket(size, user_capacity) for size in bucket_sizes(item_capacity)]
+
+  def users(size):
+    return min(size or user_capacity, user_capacity)
+
+  typical = Bucket(typical_items, users(typical_users))
+  common = Bucket(common_items, users(common_users or typical_users))
+  ladder = [typical, Bucket(item_capacity, user_capacity)]
+  if (0 < common.items <= typical.items and common.users <= typical.users
+      and common != typical):
+    ladder.insert(0, common)
+  return ladder
+
+
+def static_bucket_hints(cfg, unique_users: bool) -> Tuple[int, int, int, int]:
+  """`buckets`' size hints from config.fettle; user sizes only where users are unique rows."""
+  return (cfg.typical_batch_items, cfg.typical_batch_users if unique_users else 0,
+          cfg.common_batch_items, cfg.common_batch_users if unique_users else 0)
 
 
 def bucket_prefix(inputs: TermInputs, index: TermIndex, bucket: Bucket):
@@ -850,8 +874,8 @@ def alignment_terms(inputs: TermInputs, index: TermIndex, layout: TermLayout, cf
     return zero, {name: zero for name in TERMS}
   weights = {name: jnp.asarray(weights[name], zero.dtype) for name in enabled}
   user_capacity = inputs.users.shape[0]
-  typical_users = cfg.typical_batch_users if index.user_counts is not None else 0
-  sizes = buckets(index.valid.shape[0], user_capacity, cfg.typical_batch_items, typical_users)
+  sizes = buckets(index.valid.shape[0], user_capacity,
+                  *static_bucket_hints(cfg, index.user_counts is not None))
   n_items = jnp.sum(index.valid.astype(jnp.int32))
   n_users = (user_capacity if index.user_counts is None
              else jnp.sum((index.user_counts > 0).astype(jnp.int32)))
@@ -932,22 +956,25 @@ def init(rng: Array, data_info: DataInfo, config) -> Params:
 
 def fit_static_shapes(config, train_pairs: np.ndarray, n_users: int, n_items: int,
                       n_samples: int = 16, seed: int = 0):
-  """Sets typical_batch_items / _users (when 0) from the training data, before compiling.
+  """Sets typical_batch_items / _users and common_batch_items / _users (when 0) from the
+  training data, before compiling.
 
   Samples `n_samples` batches as an epoch draws them (config.batch_size pairs without
-  replacement) and takes the largest distinct count plus 2%, rounded up to 32. Only the
-  speed depends on it: a batch with more distinct rows takes a larger, exact branch.
+  replacement); typical: the largest distinct count plus 2%, common: the median plus 2%,
+  each rounded up to 32. Only the speed depends on them: a batch with more distinct rows
+  takes a larger, exact branch.
   """
   cfg = config.fettle
   rng = np.random.default_rng(seed)
   batch_size = min(config.batch_size, len(train_pairs))
   samples = [train_pairs[rng.choice(len(train_pairs), batch_size, replace=False)]
              for _ in range(n_samples)]
-  for field, column, capacity in (("typical_batch_items", 1, n_items),
-                                  ("typical_batch_users", 0, n_users)):
-    if cfg[field] == 0:
-      largest = max(len(np.unique(sample[:, column])) for sample in samples)
-      cfg[field] = min(capacity, -(-int(np.ceil(largest * 1.02)) // 32) * 32)
+  for side, column, capacity in (("items", 1, n_items), ("users", 0, n_users)):
+    distinct = [len(np.unique(sample[:, column])) for sample in samples]
+    for field, count in ((f"typical_batch_{side}", max(distinct)),
+                         (f"common_batch_{side}", np.median(distinct))):
+      if cfg[field] == 0:
+        cfg[field] = min(capacity, -(-int(np.ceil(count * 1.02)) // 32) * 32)
   return config
 
 
