@@ -382,6 +382,26 @@ def test_user_cluster_term_on_unique_or_pair_rows_matches_reference(n_users, n_i
   chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
 
 
+def test_users_as_unique_rows_where_a_user_branch_is_smaller_than_the_batch():
+  """More users than pairs (40 > 16) keeps L_UI^CLA's users on pair rows, unless the
+  first branch's user bucket holds fewer rows than the batch: then unique rows, same values."""
+  data_info, reps, features, batch = make_problem(seed=14, n_users=40, n_items=9)
+  n_distinct = len(set(np.asarray(batch.users).tolist()))
+  assert n_distinct < 16
+  params = fettle.init(jax.random.PRNGKey(0), data_info, make_config())
+  expected_total, expected = np_fettle_terms(params, reps, features, batch, make_config().fettle)
+  for hints, unique in [({}, False), (dict(typical_batch_items=8, typical_batch_users=16), False),
+                        (dict(typical_batch_items=8, typical_batch_users=n_distinct), True),
+                        (dict(typical_batch_items=8, typical_batch_users=16,
+                              common_batch_items=8, common_batch_users=n_distinct), True)]:
+    cfg = make_config(**hints)
+    _, index, _ = fettle.prepare_terms(params, reps, features, batch, cfg.fettle)
+    assert (index.user_counts is not None) == unique, hints
+    total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
+    chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
+    chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
+
+
 def test_typical_bucket_from_data_is_exact_and_taken():
   """fit_static_shapes sizes the first branches; a batch larger than one takes a later one."""
   data_info, reps, features, batch = make_problem(seed=6)
