@@ -416,10 +416,10 @@ def test_typical_bucket_from_data_is_exact_and_taken():
   expected_total, _ = np_fettle_terms(fettle.init(jax.random.PRNGKey(0), data_info, cfg),
                                       reps, features, batch, cfg.fettle)
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
-  # First branch: too few item slots, exactly the batch's rows, too few user rows.
   # Every sample holds all 16 pairs: the median batch is the largest, no common branch.
   assert (cfg.fettle.common_batch_items, cfg.fettle.common_batch_users) == (
       cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users)
+  # First branch: too few item slots, exactly the batch's rows, too few user rows.
   for typical in [(3, n_users), (n_items, n_users), (8, n_users - 1)]:
     cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = typical
     ladder = fettle.buckets(9, 10, *typical, *typical)
