@@ -237,11 +237,11 @@ def run_steps(entry, n_steps, offset):
   return (time.perf_counter() - start) / n_steps
 
 
-def arithmetic_floor(term_rows_: list, matmul_gflops_per_s: float, step_ms: dict) -> dict:
+def arithmetic_floor(rows: list, matmul_gflops_per_s: float, step_ms: dict) -> dict:
   """What the terms' FLOPs (XLA's count for this code) would take at the machine's matmul
   rate, and the +fettle / alone step ratio that leaves: this arithmetic runs no faster
   here, however it is scheduled; only fewer FLOPs would."""
-  gflop = sum(r["flops"] for r in term_rows_) / 1e9
+  gflop = sum(r["flops"] for r in rows) / 1e9
   ms = gflop / matmul_gflops_per_s * 1e3
   base = next(iter(step_ms.values()))
   return {"gflop": gflop, "ms": ms, "ratio": (base + ms) / base}
