@@ -14,8 +14,12 @@ hits them alike.
 `--terms` (default on) adds, per backbone, one row per FETTLE term: forward + backward of
 that term alone on one real batch (the backbone's representations at init), on the
 branch (unique-item prefix) the batch takes; FLOPs from XLA's cost analysis of that
-compiled program; and a `floor` row: all terms' FLOPs at the measured matmul rate, and the
-+fettle / alone step ratio that would leave (a bound for this code's arithmetic here).
+compiled program; and a `floor` row: all terms' FLOPs at the measured matmul rate plus
+Sinkhorn's N reads of each [n, P] kernel at the measured stream rate, and the +fettle /
+alone step ratio that would leave (a bound for this code's work here); and a `skeleton`
+row: the products, exps and Sinkhorn rounds of CLA's code sets alone at the batch's
+shapes, measured (`cla_skeleton`), plus the other terms' FLOPs at the matmul rate: the
+ratio if nothing else in FETTLE cost time.
 `--json=FILE` writes every number.
 
 `--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
@@ -96,6 +100,14 @@ def matmul_rates():
   return rates
 
 
+def stream_rate() -> float:
+  """This machine's rate (GB/s) of one read pass over a large float32 array (a
+  matrix-vector product over 256 MiB: the form of Sinkhorn's rounds)."""
+  a = jnp.ones((4096, 16384), jnp.float32)
+  v = jnp.ones((16384,), jnp.float32)
+  return a.size * a.dtype.itemsize / timed(jax.jit(jnp.matmul), a, v, repeats=9) / 1e9
+
+
 def flops_of(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
@@ -122,6 +134,11 @@ def term_rows(data, backbone_name, entry):
   ladder = fettle.buckets(index.valid.shape[0], inputs.users.shape[0],
                           *fettle.static_bucket_hints(cfg, index.user_counts is not None))
   bucket = next(b for b in ladder if n_items <= b.items and n_users <= b.users)
+  # The [n, P] code sets a term forms (L_ITV^CLA: each modality over the unique items;
+  # L_UI^CLA: the unique users and the unique items).
+  code_sets = {"cla_itv": [(bucket.items, cfg.prototypes_item)] * len(layout.names),
+               "cla_ui": [(bucket.users, cfg.prototypes_user),
+                          (bucket.items, cfg.prototypes_user)]}
   rows = []
   for name in fettle.enabled_terms(len(layout.names), cfg):
     term = jax.jit(jax.value_and_grad(
@@ -132,6 +149,9 @@ def term_rows(data, backbone_name, entry):
     flops = flops_of(compiled)
     rows.append({"term": name, "flops": flops, "ms": seconds * 1e3,
                  "gflops_per_s": flops / seconds / 1e9,
+                 "code_sets": code_sets.get(name, []),
+                 "sinkhorn_gb": (cfg.sinkhorn_iterations * 4e-9
+                                 * sum(n * p for n, p in code_sets.get(name, []))),
                  "items": n_items, "users": n_users, "bucket": list(bucket)})
   return rows
 
@@ -237,14 +257,59 @@ def run_steps(entry, n_steps, offset):
   return (time.perf_counter() - start) / n_steps
 
 
-def arithmetic_floor(rows: list, matmul_gflops_per_s: float, step_ms: dict) -> dict:
-  """What the terms' FLOPs (XLA's count for this code) would take at the machine's matmul
-  rate, and the +fettle / alone step ratio that leaves: this arithmetic runs no faster
-  here, however it is scheduled; only fewer FLOPs would."""
+def arithmetic_floor(rows: list, matmul_gflops_per_s: float, stream_gb_per_s: float,
+                     step_ms: dict) -> dict:
+  """A lower bound on the terms' time here, and the +fettle / alone step ratio it leaves:
+  their FLOPs (XLA's count for this code) at the machine's matmul rate, plus the bytes
+  that Sinkhorn's rounds must read at its stream rate (each of the N rounds depends on the
+  last, so even a one-pass form reads every code set's [n, P] kernel once per round).
+  This work runs no faster here however it is scheduled; only fewer FLOPs would."""
   gflop = sum(r["flops"] for r in rows) / 1e9
-  ms = gflop / matmul_gflops_per_s * 1e3
+  sinkhorn_gb = sum(r.get("sinkhorn_gb", 0.0) for r in rows)
+  arithmetic_ms = gflop / matmul_gflops_per_s * 1e3
+  sinkhorn_ms = sinkhorn_gb / stream_gb_per_s * 1e3
+  ms = arithmetic_ms + sinkhorn_ms
   base = next(iter(step_ms.values()))
-  return {"gflop": gflop, "ms": ms, "ratio": (base + ms) / base}
+  return {"gflop": gflop, "arithmetic_ms": arithmetic_ms, "sinkhorn_gb": sinkhorn_gb,
+          "sinkhorn_ms": sinkhorn_ms, "ms": ms, "ratio": (base + ms) / base}
+
+
+def cla_skeleton(code_sets: list, dim: int, n_iterations: int) -> dict:
+  """Milliseconds of the work L^CLA cannot shed at these shapes, and nothing else, in one
+  scanned program (buffers reused, as in an epoch): per [n, P] code set the five
+  [n, L] x [L, P]-sized products of its forward and backward (cosines; the code mixture and
+  E C^T; the codebook's two gradients), and the exp plus Sinkhorn's 2N matrix-vector
+  products. No normalization, loss, gathers or row sums: real code can only cost more."""
+  rng = np.random.default_rng(0)
+  rows = [jnp.asarray(rng.normal(size=(n, dim)) / 8, jnp.float32) for n, _ in code_sets]
+  codebooks = [jnp.asarray(rng.normal(size=(dim, p)) / 8, jnp.float32) for _, p in code_sets]
+
+  def work(rows, codebooks, step, products, sinkhorn):
+    total = 0.0
+    for x, c in zip(rows, codebooks):
+      x = x * (1.0 + 0.01 * step)  # fresh inputs per step, as a training batch
+      scores = x @ c
+      exps = scores
+      if sinkhorn:
+        exps = jnp.exp(scores)
+        r = jnp.ones(x.shape[0])
+        for _ in range(n_iterations):
+          s = 1.0 / (r @ exps)
+          r = 1.0 / (exps @ s)
+        total += jnp.sum(r) + jnp.sum(s)
+      if products:
+        total += jnp.sum(exps @ c.T) + jnp.sum(exps @ (1.5 * c).T)
+        total += jnp.sum(x.T @ exps) + jnp.sum((2.0 * x).T @ exps)
+    return total
+
+  result = {}
+  for name, products, sinkhorn in (("products", True, False),
+                                   ("products + exp + sinkhorn", True, True)):
+    fn = jax.jit(lambda r, c, products=products, sinkhorn=sinkhorn: jax.lax.scan(
+        lambda acc, i: (acc + work(r, c, i, products, sinkhorn), None), 0.0,
+        jnp.arange(4))[0])
+    result[name] = timed(fn, rows, codebooks) / 4 * 1e3
+  return result
 
 
 def main(argv):
@@ -256,10 +321,11 @@ def main(argv):
   device = f"{jax.devices()[0].device_kind}, {os.cpu_count()} cpus"
   print(f"device: {device}")
   rates = matmul_rates()
-  print("matmul rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()),
-        flush=True)
+  stream = stream_rate()
+  print("matmul rate: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+        + f"; stream rate {stream:.1f} GB/s", flush=True)
   report = {"data": data.summary(), "device": device, "matmul_gflops_per_s": rates,
-            "steps": {}, "terms": {}}
+            "stream_gb_per_s": stream, "steps": {}, "terms": {}}
   best_rate = max(rates.values())
   for backbone_name in _BACKBONES.value:
     variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
@@ -297,10 +363,24 @@ def main(argv):
               f"{r['gflops_per_s']:6.1f} GFLOP/s ({100 * r['gflops_per_s'] / best_rate:4.1f}% of "
               f"matmul) | {r['items']} items, {r['users']} users -> bucket {r['bucket']}",
               flush=True)
-      floor = arithmetic_floor(rows, best_rate, report["steps"][backbone_name])
+      floor = arithmetic_floor(rows, best_rate, stream, report["steps"][backbone_name])
       report.setdefault("floor", {})[backbone_name] = floor
-      print(f"  floor    {floor['gflop']:8.3f} GFLOP {floor['ms']:8.2f} ms at the matmul rate: "
-            f"+fettle >= {floor['ratio']:.2f}x of {backbone_name} alone", flush=True)
+      print(f"  floor    {floor['gflop']:8.3f} GFLOP {floor['arithmetic_ms']:8.2f} ms at the "
+            f"matmul rate + Sinkhorn {floor['sinkhorn_gb']:.2f} GB {floor['sinkhorn_ms']:.2f} ms "
+            f"at the stream rate: +fettle >= {floor['ratio']:.2f}x of {backbone_name} alone",
+            flush=True)
+      code_sets = [c for r in rows for c in r["code_sets"]]
+      if code_sets:
+        skeleton = cla_skeleton(code_sets, entries["fettle"]["config"].embedding_size,
+                                entries["fettle"]["config"].fettle.sinkhorn_iterations)
+        others = sum(r["flops"] for r in rows if not r["code_sets"]) / best_rate / 1e6
+        base = report["steps"][backbone_name][_ALIGNMENTS.value[0]]
+        ratio = (base + others + skeleton["products + exp + sinkhorn"]) / base
+        report.setdefault("cla_skeleton", {})[backbone_name] = dict(skeleton, ratio=ratio)
+        print("  skeleton CLA's work alone, measured: " + ", ".join(
+            f"{k} {v:.1f} ms" for k, v in skeleton.items()) + f"; with the other terms' FLOPs "
+            f"at the matmul rate ({others:.1f} ms) +fettle would be {ratio:.2f}x of "
+            f"{backbone_name} alone if nothing else cost time", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(report, f, indent=2)
