@@ -18,8 +18,8 @@ epoch runs its steps; FLOPs from XLA's cost analysis of one call's compiled prog
 Sinkhorn's N reads of each [n, P] kernel at the measured stream rate, and the +fettle /
 alone step ratio that would leave (a bound for this code's work here); and a `skeleton`
 row: the products, exps and Sinkhorn rounds of CLA's code sets alone at the batch's
-shapes, measured (`cla_skeleton`), plus the other terms' FLOPs at the matmul rate: the
-ratio if nothing else in FETTLE cost time.
+shapes (`cla_skeleton`), timed in the same alternating rounds as the steps, plus the other
+terms' FLOPs at the matmul rate: the ratio if nothing else in FETTLE cost time.
 `--json=FILE` writes every number.
 
 `--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
@@ -290,12 +290,13 @@ def arithmetic_floor(rows: list, matmul_gflops_per_s: float, stream_gb_per_s: fl
           "sinkhorn_ms": sinkhorn_ms, "ms": ms, "ratio": (base + ms) / base}
 
 
-def cla_skeleton(code_sets: list, dim: int, n_iterations: int) -> dict:
-  """Milliseconds of the work L^CLA cannot shed at these shapes, and nothing else, in one
-  scanned program (buffers reused, as in an epoch): per [n, P] code set the five
+def cla_skeleton(code_sets: list, dim: int, n_iterations: int, n_steps: int = 4) -> dict:
+  """The work L^CLA cannot shed at these shapes, and nothing else, as compiled programs of
+  n_steps scanned steps (buffers reused, as in an epoch): per [n, P] code set the five
   [n, L] x [L, P]-sized products of its forward and backward (cosines; the code mixture and
   E C^T; the codebook's two gradients), and the exp plus Sinkhorn's 2N matrix-vector
-  products. No normalization, loss, gathers or row sums: real code can only cost more."""
+  products. No normalization, loss, gathers or row sums. Returns name -> a timer: one call
+  runs one program and returns its seconds per step (timed in main's alternating rounds)."""
   rng = np.random.default_rng(0)
   rows = [jnp.asarray(rng.normal(size=(n, dim)) / 8, jnp.float32) for n, _ in code_sets]
   codebooks = [jnp.asarray(rng.normal(size=(dim, p)) / 8, jnp.float32) for _, p in code_sets]
@@ -318,14 +319,22 @@ def cla_skeleton(code_sets: list, dim: int, n_iterations: int) -> dict:
         total += jnp.sum(x.T @ exps) + jnp.sum((2.0 * x).T @ exps)
     return total
 
-  result = {}
+  def timer(fn):
+    def seconds_per_step():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(rows, codebooks))
+      return (time.perf_counter() - start) / n_steps
+    return seconds_per_step
+
+  timers = {}
   for name, products, sinkhorn in (("products", True, False),
                                    ("products + exp + sinkhorn", True, True)):
     fn = jax.jit(lambda r, c, products=products, sinkhorn=sinkhorn: jax.lax.scan(
         lambda acc, i: (acc + work(r, c, i, products, sinkhorn), None), 0.0,
-        jnp.arange(4))[0])
-    result[name] = timed(fn, rows, codebooks) / 4 * 1e3
-  return result
+        jnp.arange(n_steps))[0])
+    jax.block_until_ready(fn(rows, codebooks))  # compile
+    timers[name] = timer(fn)
+  return timers
 
 
 def main(argv):
@@ -360,19 +369,28 @@ def main(argv):
           print(f"  {backbone_name}+{name} {r['column']:24s} measured "
                 f"{(measured or 0) / 2**20:9.1f} MiB | predicted "
                 f"{r['predicted_bytes'] / 2**20:9.1f} MiB", flush=True)
-    times = {a: [] for a in entries}
+    rows, skeleton = [], {}
+    if _TERMS.value and "fettle" in entries:
+      rows = term_rows(data, backbone_name, entries["fettle"])
+      code_sets = [c for r in rows for c in r["code_sets"]]
+      if code_sets:
+        config = entries["fettle"]["config"]
+        skeleton = cla_skeleton(code_sets, config.embedding_size,
+                                config.fettle.sinkhorn_iterations)
+    times = {a: [] for a in list(entries) + list(skeleton)}
     for name, entry in entries.items():
       run_steps(entry, _STEPS.value, 0)  # compile (same static shapes as the timed calls)
     for r in range(_ROUNDS.value):
       for name, entry in entries.items():
         times[name].append(run_steps(entry, _STEPS.value, 1 + r * _STEPS.value))
-    base = statistics.median(times[_ALIGNMENTS.value[0]])
-    row = " | ".join(f"{a} {statistics.median(t) * 1e3:7.1f} ms ({statistics.median(t) / base:4.2f}x)"
-                     for a, t in times.items())
+      for name, seconds_per_step in skeleton.items():
+        times[name].append(seconds_per_step())
+    ms = {a: statistics.median(t) * 1e3 for a, t in times.items()}
+    base = ms[_ALIGNMENTS.value[0]]
+    row = " | ".join(f"{a} {ms[a]:7.1f} ms ({ms[a] / base:4.2f}x)" for a in entries)
     print(f"{backbone_name:9s} | {row}", flush=True)
-    report["steps"][backbone_name] = {a: statistics.median(t) * 1e3 for a, t in times.items()}
-    if _TERMS.value and "fettle" in entries:
-      rows = term_rows(data, backbone_name, entries["fettle"])
+    report["steps"][backbone_name] = {a: ms[a] for a in entries}
+    if rows:
       report["terms"][backbone_name] = rows
       for r in rows:
         print(f"  {r['term']:8s} {r['flops'] / 1e9:8.3f} GFLOP {r['ms']:8.2f} ms "
@@ -385,18 +403,15 @@ def main(argv):
             f"matmul rate + Sinkhorn {floor['sinkhorn_gb']:.2f} GB {floor['sinkhorn_ms']:.2f} ms "
             f"at the stream rate: +fettle >= {floor['ratio']:.2f}x of {backbone_name} alone",
             flush=True)
-      code_sets = [c for r in rows for c in r["code_sets"]]
-      if code_sets:
-        skeleton = cla_skeleton(code_sets, entries["fettle"]["config"].embedding_size,
-                                entries["fettle"]["config"].fettle.sinkhorn_iterations)
-        others = sum(r["flops"] for r in rows if not r["code_sets"]) / best_rate / 1e6
-        base = report["steps"][backbone_name][_ALIGNMENTS.value[0]]
-        ratio = (base + others + skeleton["products + exp + sinkhorn"]) / base
-        report.setdefault("cla_skeleton", {})[backbone_name] = dict(skeleton, ratio=ratio)
-        print("  skeleton CLA's work alone, measured: " + ", ".join(
-            f"{k} {v:.1f} ms" for k, v in skeleton.items()) + f"; with the other terms' FLOPs "
-            f"at the matmul rate ({others:.1f} ms) +fettle would be {ratio:.2f}x of "
-            f"{backbone_name} alone if nothing else cost time", flush=True)
+    if skeleton:
+      others = sum(r["flops"] for r in rows if not r["code_sets"]) / best_rate / 1e6
+      ratio = (base + others + ms["products + exp + sinkhorn"]) / base
+      report.setdefault("cla_skeleton", {})[backbone_name] = dict(
+          {k: ms[k] for k in skeleton}, ratio=ratio)
+      print("  skeleton CLA's work alone, in the same rounds: " + ", ".join(
+          f"{k} {ms[k]:.1f} ms" for k in skeleton) + f"; with the other terms' FLOPs at the "
+          f"matmul rate ({others:.1f} ms) +fettle would be {ratio:.2f}x of {backbone_name} "
+          "alone if nothing else cost time", flush=True)
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(report, f, indent=2)
