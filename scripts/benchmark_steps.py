@@ -14,12 +14,13 @@ hits them alike.
 `--terms` (default on) adds, per backbone, one row per FETTLE term: forward + backward of
 that term alone on one real batch (the backbone's representations at init), on the
 branch (unique-item prefix) the batch takes, timed per call inside a scan of calls as an
-epoch runs its steps; FLOPs from XLA's cost analysis of one call's compiled program; and a `floor` row: all terms' FLOPs at the measured matmul rate plus
-Sinkhorn's N reads of each [n, P] kernel at the measured stream rate, and the +fettle /
-alone step ratio that would leave (a bound for this code's work here); and a `skeleton`
-row: the products, exps and Sinkhorn rounds of CLA's code sets alone at the batch's
-shapes (`cla_skeleton`), timed in the same alternating rounds as the steps, plus the other
-terms' FLOPs at the matmul rate: the ratio if nothing else in FETTLE cost time.
+epoch runs its steps; FLOPs from XLA's cost analysis of one call's compiled program. A
+`floor` row: all terms' FLOPs at the measured matmul rate plus Sinkhorn's N reads of each
+[n, P] kernel at the measured stream rate, and the +fettle / alone step ratio that would
+leave (a bound for this code's work here). A `skeleton` row: the products, exps and
+Sinkhorn rounds of CLA's code sets alone at the batch's shapes (`cla_skeleton`), timed in
+the same alternating rounds as the steps, plus the other terms' FLOPs at the matmul rate:
+the ratio if nothing else in FETTLE cost time.
 `--json=FILE` writes every number.
 
 `--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
@@ -101,11 +102,11 @@ def matmul_rates():
 
 
 def scanned_seconds(fn, inputs, index, n_calls: int = 4) -> float:
-  """Median seconds per call of fn(inputs, index) -> (value, grads) inside one lax.scan of
-  n_calls, as a training epoch runs its steps: the program's temporaries keep their
-  addresses from call to call, so fresh memory is paid for once per scan, not per call
-  (XLA:CPU maps its large temporaries anew for every execution; a single call pays a page
-  fault per 4 KiB). The float inputs change per call so nothing is hoisted out."""
+  """Seconds per call (median over repeats) of fn(inputs, index) -> (value, grads) inside
+  one lax.scan of n_calls, as a training epoch runs its steps: the program's temporaries
+  keep their addresses from call to call, so fresh memory is paid for once per scan, not
+  per call (XLA:CPU maps its large temporaries anew for every execution; a single call
+  pays a page fault per 4 KiB). The float inputs change per call so nothing is hoisted."""
   def shifted(x, i):
     return x * (1.0 + 1e-3 * i).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
