@@ -47,6 +47,8 @@ _EPOCHS = flags.DEFINE_list("epochs", ["1", "2", "5", "10", "20"],
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 100, "Cap of the early-stopped runs.")
 _PROTOTYPES = flags.DEFINE_list("prototypes", ["256", "512"], "FETTLE's P_ITV, P_UI.")
 _SEED = flags.DEFINE_integer("seed", 0, "Training seed.")
+_FEEDBACK = flags.DEFINE_enum("feedback", "dot", ["dot", "cosine"],
+                              "Eq. 2's feedback score BPR+FETTLE trains with.")
 
 
 def twin_config(model: str, alignment: str = "none"):
@@ -57,6 +59,7 @@ def twin_config(model: str, alignment: str = "none"):
   config.max_epochs = _MAX_EPOCHS.value
   config.fettle.prototypes_item, config.fettle.prototypes_user = (
       int(p) for p in _PROTOTYPES.value)
+  config.fettle.feedback = _FEEDBACK.value
   return config
 
 
@@ -81,8 +84,10 @@ def measure(experiment, state, data, noise, mixed) -> dict:
   norms = np.linalg.norm(embeddings, axis=-1)
   unit = figures.feedback_scores(np.asarray(reps.users), embeddings / np.maximum(
       norms[..., None], 1e-12), data.train)
-  out["agreement_mixed_unit_length"] = figures.planted_direction_agreement(
-      unit[:, image], unit[:, text], noise[:, 0], noise[:, 1], mixed)["agreement_mixed"]
+  unit_agreement = figures.planted_direction_agreement(
+      unit[:, image], unit[:, text], noise[:, 0], noise[:, 1], mixed)
+  out["agreement_mixed_unit_length"] = unit_agreement["agreement_mixed"]
+  out["agreement_all_unit_length"] = unit_agreement["agreement_all"]
   noisy_first = noise[:, 0] > noise[:, 1]
   noisy_norm = np.where(noisy_first, norms[:, image], norms[:, text])
   clean_norm = np.where(noisy_first, norms[:, text], norms[:, image])

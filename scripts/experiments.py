@@ -72,6 +72,9 @@ _SETTINGS = flags.DEFINE_list(
 _VARIANTS = flags.DEFINE_list(
     "variants", [], "Table rows to train and tabulate, by label (vanilla, +BM3, +FETTLE, "
     "+ILA, +CLA, +ILA&CLA, +ILA&CLA&DT); default: all.")
+_FEEDBACK = flags.DEFINE_enum(
+    "feedback", "dot", ["dot", "cosine"], "Eq. 2's feedback score in every FETTLE run "
+    "(config.fettle.feedback); cosine runs' folders end in _fcosine, so both share one --out.")
 _ONLY_TABLE = flags.DEFINE_bool("only_table", False, "Do not train; tabulate what exists.")
 _TUNE_COORDINATES = flags.DEFINE_list(
     "tune_coordinates", ["beta", "alpha", "temperature_feedback", "temperature_cluster"],
@@ -115,14 +118,15 @@ METRIC_LABELS = {"recall@10": "R@10", "recall@20": "R@20", "ndcg@10": "N@10", "n
 
 
 def setting_tag(setting):
-  return "_".join(f"{SHORT[k]}{setting[k]:g}" for k in GRID)
+  tag = "_".join(f"{SHORT[k]}{setting[k]:g}" for k in GRID)
+  return tag + ("_fcosine" if _FEEDBACK.value == "cosine" else "")
 
 
 def parse_setting_tag(tag):
   """Inverse of `setting_tag`: 'b0.01_a0.0001_tf0.2_tc0.1' -> {'beta': 0.01, ...}."""
   prefixes = {v: k for k, v in SHORT.items()}
   setting = {}
-  for part in tag.split("_"):
+  for part in tag.removesuffix("_fcosine").split("_"):
     prefix = part.rstrip("0123456789.e-+")
     if prefix not in prefixes or prefix == part:
       raise app.UsageError(f"--settings: bad part {part!r} in {tag!r}; expected "
@@ -213,6 +217,8 @@ def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs, wait=F
     config.max_epochs = max_epochs
     for key, value in fettle_overrides.items():
       config.fettle[key] = value
+    if alignment == "fettle":
+      config.fettle.feedback = _FEEDBACK.value
     print(f"=== {os.path.basename(workdir)}", flush=True)
     train.train_and_evaluate(config, workdir)
   with open(metrics_file) as f:

@@ -60,13 +60,18 @@ def np_modality_tables(params, reps, features, names, use_backbone):
   return tables
 
 
-def np_feedback(users_table, tables, names, batch_users, batch_items):
-  """Eq. 2: item -> [s_i^m for m in names], averaging u^T i^m over the item's batch pairs."""
+def np_feedback(users_table, tables, names, batch_users, batch_items, kind="dot"):
+  """Eq. 2: item -> [s_i^m for m in names], averaging u^T i^m (kind 'dot') or cos(u, i^m)
+  (kind 'cosine') over the item's batch pairs."""
+  def score(u, v):
+    return u @ v if kind == "dot" else u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+
   feedback = {}
   for item in sorted(set(batch_items.tolist())):
     pairs = [b for b in range(len(batch_items)) if batch_items[b] == item]
     feedback[item] = np.array([
-        np.mean([users_table[batch_users[b]] @ tables[m][item] for b in pairs]) for m in names])
+        np.mean([score(users_table[batch_users[b]], tables[m][item]) for b in pairs])
+        for m in names])
   return feedback
 
 
@@ -180,7 +185,7 @@ def np_fettle_terms(params, reps, features, batch, cfg):
   tables = np_modality_tables(params, reps, features, names, cfg.use_backbone_modalities)
   users_table = np.asarray(reps.users, np.float64)
   batch_users, batch_items = np.asarray(batch.users), np.asarray(batch.pos_items)
-  feedback = np_feedback(users_table, tables, names, batch_users, batch_items)
+  feedback = np_feedback(users_table, tables, names, batch_users, batch_items, cfg.feedback)
   mode, threshold = cfg.directions, cfg.bidirectional_threshold
   terms = {
       "ila": np_ila(params, tables, names, feedback, cfg.ila_negatives, cfg.temperature_feedback,
@@ -349,6 +354,8 @@ CASES = {
     "pairwise_all_negatives": dict(ila_negatives="all"),
     "topmost": dict(directions="topmost"),
     "bidirectional": dict(bidirectional_threshold=0.0),
+    "cosine_feedback": dict(feedback="cosine"),
+    "cosine_feedback_bidirectional": dict(feedback="cosine", bidirectional_threshold=0.1),
     "sinkhorn_5_iterations": dict(sinkhorn_iterations=5, sinkhorn_epsilon=0.1),
     # lambda_c = 2 eps: Sinkhorn's kernel is the prediction's exp squared (one exp pass).
     "cluster_temperature_twice_epsilon": dict(temperature_cluster=0.1),

@@ -62,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
       "directions": "pairwise",  # str: 'pairwise' (paper) or 'topmost' directions (Sec 3.2)
       "ila_negatives": "batch",  # str: ILA negatives: 'batch' unique items or 'all' items (Eq. 4)
       "bidirectional_threshold": -1.0,  # float: theta of Sec 4.4; <0 = off (paper sweeps 0..0.99)
+      # str: Eq. 2's s_i^m from 'dot' = u^T i^m (as printed) or 'cosine' = cos(u, i^m); it
+      # drives Eq. 5's directions and the bidirectional threshold theta alike.
+      "feedback": "dot",
       "use_ila": True,  # bool: item-level alignment L_ILA (Table 3 ablation)
       "use_dt": True,  # bool: direction tuning L_DT (Table 3 ablation)
       # str: 'cosine' (default) scores DT with cos(u, i^{m->n}); 'dot' is Eq. 6 as printed
@@ -982,7 +985,7 @@ def check_config(cfg) -> None:
   """One-line errors for the string-valued switches (`config.fettle`); the train loop calls
   it before loading data, the loss again at trace time."""
   allowed = {"directions": ("pairwise", "topmost"), "dt_similarity": ("cosine", "dot"),
-             "ila_negatives": ("batch", "all")}
+             "ila_negatives": ("batch", "all"), "feedback": ("dot", "cosine")}
   for field, values in allowed.items():
     if cfg[field] not in values:
       raise ConfigError(f"fettle.{field} must be one of {values}, got {cfg[field]!r}")
@@ -1001,6 +1004,8 @@ def prepare_terms(params: Params, reps: Representations, features: Dict[str, Arr
   user_emb_b = reps.users[batch.users]
   # Eq. 2; directions only compare these scores, so no gradient flows through them.
   scores, mean_users = estimated_feedback(user_emb_b, item_embs, items)
+  if cfg.feedback == "cosine":
+    scores, _ = estimated_feedback(l2_normalize(user_emb_b), l2_normalize(item_embs), items)
   scores = jax.lax.stop_gradient(scores)
   if cfg.dt_similarity == "cosine":
     mean_users = segment_mean(l2_normalize(user_emb_b), items.inverse, items.counts)
