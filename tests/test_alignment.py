@@ -809,14 +809,15 @@ def test_default_config_fields():
   assert dict(cfg) == dict(
       alpha=1e-3, beta=1e-3, temperature_feedback=0.1, temperature_cluster=0.05,
       prototypes_item=10240, prototypes_user=20480, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
-      directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0, use_ila=True,
+      directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0,
+      feedback="dot", use_ila=True,
       use_dt=True, dt_similarity="cosine", use_cla=True, projector_hidden=64,
       use_backbone_modalities=True, typical_batch_items=0, typical_batch_users=0,
       common_batch_items=0, common_batch_users=0)
 
 
 @pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue"),
-                                         ("dt_similarity", "l1")])
+                                         ("dt_similarity", "l1"), ("feedback", "l2")])
 def test_invalid_config_values_are_rejected(field, value):
   data_info, reps, features, batch = make_problem()
   cfg = make_config(**{field: value})
