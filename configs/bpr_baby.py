@@ -3,7 +3,7 @@
   python run.py --config=configs/bpr_baby.py \
       --config.data.path=../shared/data/amazon-baby-5core --workdir=runs/bpr_baby
 
-Paper (Table 2): test Recall@20 0.0595. Measured 2026-11-27 on the LATTICE split: 0.0570
+Paper (Table 2): test Recall@20 0.0595. Ours on the LATTICE split: 0.0570
 (best epoch 12 of 32; RESULTS.md).
 """
 

@@ -3,8 +3,7 @@
   python run.py --config=configs/bpr_ml100k.py
 
 Add `--config.alignment=fettle` (or bm3) for the aligned variant.
-Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
-scripts/experiments.py.
+Test metrics (3 seeds, every alignment): RESULTS.md, made by scripts/experiments.py.
 """
 
 from configs import base

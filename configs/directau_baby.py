@@ -6,7 +6,7 @@
 Add `--config.directau.encoder=lightgcn` for the LightGCN encoder. The batch stays the
 shared 2048 pairs (FETTLE's setting for every backbone); the DirectAU authors use 256 on
 Amazon Beauty (README), and the uniformity term is computed within the batch.
-Paper (Table 2): test Recall@20 0.0342. Measured 2026-12-01 on the LATTICE split: 0.0425
+Paper (Table 2): test Recall@20 0.0342. Ours on the LATTICE split: 0.0425
 (best epoch 66 of 86; RESULTS.md).
 """
 

@@ -3,7 +3,7 @@
   python run.py --config=configs/lightgcn_baby.py \
       --config.data.path=../shared/data/amazon-baby-5core --workdir=runs/lightgcn_baby
 
-Paper (Table 2): test Recall@20 0.0754. Measured 2026-11-27 on the LATTICE split: 0.0762
+Paper (Table 2): test Recall@20 0.0754. Ours on the LATTICE split: 0.0762
 (best epoch 70 of 90; RESULTS.md).
 """
 

@@ -5,7 +5,7 @@
 
 NCL runs at RecBole's NCL.yaml setting (`ncl.default_config()`: 3 layers, 1000 prototypes per
 side, ssl_reg 1e-7, proto_reg 8e-8, tau 0.1, 20 warm-up epochs). Paper (Table 2): test
-Recall@20 0.0750. Measured 2026-12-01 on the LATTICE split: 0.0790 (best epoch 49 of 69;
+Recall@20 0.0750. Ours on the LATTICE split: 0.0790 (best epoch 49 of 69;
 RESULTS.md).
 """
 

@@ -4,7 +4,7 @@
       --config.data.path=../shared/data/amazon-baby-5core --workdir=runs/sgl_baby
 
 Hyper-parameters: `sgl.default_config()` (RecBole's SGL.yaml; L2 as lightgcn). Paper
-(Table 2): test Recall@20 0.0820. Measured 2026-12-01 on the LATTICE split: 0.0847 (best
+(Table 2): test Recall@20 0.0820. Ours on the LATTICE split: 0.0847 (best
 epoch 34 of 54; RESULTS.md).
 """
 

@@ -2,8 +2,7 @@
 
   python run.py --config=configs/vbpr_ml100k.py [--config.alignment=fettle|bm3]
 
-Measured 2026-11-27 (3 seeds, every alignment): see RESULTS.md, made by
-scripts/experiments.py.
+Test metrics (3 seeds, every alignment): RESULTS.md, made by scripts/experiments.py.
 """
 
 from configs import base

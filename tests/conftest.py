@@ -10,9 +10,9 @@ import pytest
 # runs each on tiny data, so compile time is most of its wall time. Two XLA:CPU settings cut
 # it; neither changes float semantics (no fast-math), and run.py and the scripts keep XLA's
 # defaults, which run faster once compiled:
-# - LLVM optimization level 0: a tiny FETTLE epoch's compile 13.4 -> 7.8 s (2026-12-02);
+# - LLVM optimization level 0: a tiny FETTLE epoch compiles ~1.7x faster;
 # - the legacy loop emitters instead of the MLIR fusion emitters: 31-32 -> 17-21 ms to
-#   compile one eager op, the suite 5 min 41 s -> 3 min 57 s (2-core CPU, 2026-12-03), but
+#   compile one eager op, the suite ~1.4x faster, but
 #   the compiled ml100k BPR+FETTLE step 1.3-1.5x slower (scripts/benchmark_steps.py;
 #   FREEDOM+FETTLE within the noise), hence tests only.
 # Set before JAX starts (child processes of the tests inherit them); a value the caller set
