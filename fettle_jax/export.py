@@ -1,6 +1,7 @@
 """Exports a finished run's embeddings (best-validation parameters) as .npy files.
 
-  python -m fettle_jax.export --workdir=runs/default --out=embeddings/ [--data=DIR]
+  fettle-export --workdir=runs/default --out=embeddings/ [--data=DIR]
+  (or: python -m fettle_jax.export ...)
 
 Writes the backbone's `Representations` under the best parameters: `users.npy`
 [n_users, L], `items.npy` [n_items, L] (the final representations scores are inner
@@ -110,5 +111,10 @@ def main(argv) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli():
+  """The `fettle-export` console script."""
   sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()

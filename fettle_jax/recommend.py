@@ -1,7 +1,8 @@
 """Top-k recommendations of a finished run, from its best-validation parameters.
 
-  python -m fettle_jax.recommend --workdir=runs/default --k=20 --out=recs.csv
+  fettle-recommend --workdir=runs/default --k=20 --out=recs.csv
       [--users=users.txt] [--exclude=all|train] [--data=DIR]
+  (or: python -m fettle_jax.recommend ...)
 
 Writes a CSV `user,rank,item` (rank 1..k, best first; ids as in the data set's files) with
 `user_original,item_original` added where the data folder has id-mapping files
@@ -161,5 +162,10 @@ def main(argv) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def cli():
+  """The `fettle-recommend` console script."""
   sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+  cli()

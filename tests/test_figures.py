@@ -1,29 +1,16 @@
-"""fettle_jax/figures.py and scripts/figures.py: Fig. 1's false-positive count against a
-brute-force NumPy reference written from the definition, planted cases, and Fig. 8's grid
-heatmap from run folders."""
+"""fettle_jax/figures.py and fettle-figures (fettle_jax/tools/figures.py): Fig. 1's
+false-positive count against a brute-force NumPy reference written from the definition,
+planted cases, and Fig. 8's grid heatmap from run folders."""
 
 import csv
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from fettle_jax import figures
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-  if "figures_script_under_test" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("figures_script_under_test",
-                                                  os.path.join(ROOT, "scripts", "figures.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["figures_script_under_test"] = module
-  return sys.modules["figures_script_under_test"]
+from fettle_jax.tools import figures as figures_tool
 
 
 def reference_false_positives(modalities, final, dissimilar=0.1, similar=0.9):
@@ -97,8 +84,8 @@ def test_fig8_heatmap_from_a_grid_folder(tmp_path):
       for seed in (0, 1):
         fake_run(str(grid / f"seed{seed}_a{a}_b{b}"), a, b, seed, valid=a * 100 + b + seed,
                  test=b)
-  script = load_script()
-  assert script.main(["figures.py", "fig8", f"--grid={grid}", f"--out={tmp_path / 'figs'}"]) == 0
+  assert figures_tool.main(["figures.py", "fig8", f"--grid={grid}",
+                            f"--out={tmp_path / 'figs'}"]) == 0
   assert (tmp_path / "figs" / "fig8_alpha_beta.png").stat().st_size > 10_000
   with open(tmp_path / "figs" / "fig8_alpha_beta.csv") as f:
     rows = list(csv.DictReader(f))
@@ -121,8 +108,7 @@ def test_fig4_one_way_against_bidirectional_over_theta(tmp_path):
     for theta in (0.0, 0.5, 0.9):
       fake_run(str(grid / f"theta{theta}_{seed}"), 1e-3, 1e-3, seed, 0.5, theta / 10 + seed,
                theta=theta)
-  script = load_script()
-  assert script.main(["figures.py", "fig4", f"--grid={grid}", f"--out={tmp_path}"]) == 0
+  assert figures_tool.main(["figures.py", "fig4", f"--grid={grid}", f"--out={tmp_path}"]) == 0
   assert (tmp_path / "fig4.png").stat().st_size > 10_000
   with open(tmp_path / "fig4.csv") as f:
     rows = list(csv.DictReader(f))
@@ -135,7 +121,6 @@ def test_fig4_one_way_against_bidirectional_over_theta(tmp_path):
 
 
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
-  script = load_script()
   fake_run(str(tmp_path / "one_way" / "run"), 1e-3, 1e-3, 0, 0.5, 0.3)
   for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig5|fig6|fig8"),
                         (["figures.py", "fig4", f"--grid={tmp_path / 'one_way'}"], "found 1 and 0"),
@@ -144,7 +129,7 @@ def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
                         (["figures.py", "fig1"], "fig1 needs --runs"),
                         (["figures.py", "fig1", "--runs=nolabel"], "expected LABEL=WORKDIR"),
                         (["figures.py", "fig1", f"--runs=a={tmp_path}/none"], "none")]:
-    assert script.main(argv) == 1
+    assert figures_tool.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 

@@ -207,10 +207,10 @@ def test_learning_curves_png_and_csv(trained, tmp_path, capsys):
 
 def test_fig1_false_positives_of_a_finished_run(trained, run, tmp_path, capsys):
   from fettle_jax import figures  # pylint: disable=g-import-not-at-top
-  from tests.test_figures import load_script  # pylint: disable=g-import-not-at-top
+  from fettle_jax.tools import figures as figures_tool  # pylint: disable=g-import-not-at-top
   out = tmp_path / "figs"
-  assert load_script().main(["figures.py", "fig1", f"--runs=A={trained['workdir']}",
-                             f"--out={out}"]) == 0
+  assert figures_tool.main(["figures.py", "fig1", f"--runs=A={trained['workdir']}",
+                            f"--out={out}"]) == 0
   with open(out / "fig1.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["reference"] for r in rows] == ["content features", "own modality embeddings"]
@@ -229,11 +229,11 @@ def test_fig1_false_positives_of_a_finished_run(trained, run, tmp_path, capsys):
 
 @pytest.mark.parametrize("figure", ["fig5", "fig6"])
 def test_tsne_figures_of_a_finished_run(trained, run, tmp_path, figure):
-  from tests.test_figures import load_script  # pylint: disable=g-import-not-at-top
+  from fettle_jax.tools import figures as figures_tool  # pylint: disable=g-import-not-at-top
   out = tmp_path / figure
-  assert load_script().main(["figures.py", figure, f"--runs=A={trained['workdir']},"
-                             f"B={trained['workdir']}", "--items=20", "--users=3",
-                             f"--out={out}"]) == 0
+  assert figures_tool.main(["figures.py", figure, f"--runs=A={trained['workdir']},"
+                            f"B={trained['workdir']}", "--items=20", "--users=3",
+                            f"--out={out}"]) == 0
   assert (out / f"{figure}.png").stat().st_size > 10_000
   arrays = export.embeddings(run)
   if figure == "fig5":

@@ -1,32 +1,17 @@
-"""scripts/experiments.py's tabulation: Delta Imp. and the 'Avg Delta Imp.' rows."""
-
-import importlib.util
-import os
-import sys
+"""fettle-experiments' tabulation (fettle_jax/tools/experiments.py): Delta Imp. and the
+'Avg Delta Imp.' rows."""
 
 from absl import flags
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                      "experiments.py")
-
-
-def load_script():
-  """The script as a module, loaded once per process (its flags are defined once)."""
-  if "experiments_under_test" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("experiments_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["experiments_under_test"] = module
-  return sys.modules["experiments_under_test"]
+from fettle_jax.tools import experiments
 
 
 @pytest.fixture(name="table")
 def fixture_table():
-  module = load_script()
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["experiments", "--seeds=0,1", "--backbones=a,b"])
-  yield module
+  yield experiments
   flags.FLAGS.unparse_flags()
 
 
