@@ -1,7 +1,8 @@
 """Converts a LATTICE JSON split folder to MMRec's format, or renumbers ids to 0..n-1.
 
-  python -m data_pipeline.convert --src ../shared/data/amazon-baby-5core --out data/baby --name baby
-  python -m data_pipeline.convert --src raw/ --out data/clean --name clean --remap
+  fettle-convert --src=amazon-baby-5core --out=data/baby --name=baby
+  fettle-convert --src=raw/ --out=data/clean --name=clean --remap
+  (or: python -m data_pipeline.convert --src=... --out=... --name=...)
 
 --remap reads either format without the 0..n-1 id rule, renumbers users and items in
 increasing order of their original ids, keeps the feature rows of the items that occur (row
@@ -12,11 +13,11 @@ k = new item k; an original id with no feature row is an error) and writes `user
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from data_pipeline.errors import DataError
 from data_pipeline.lattice import convert_to_mmrec, remap_to_mmrec
+from fettle_jax.tools import command
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "LATTICE-format folder (train.json, val.json, test.json).")
@@ -37,5 +38,10 @@ def main(argv):
   print(f"wrote {os.path.join(out, FLAGS.name + '.inter')}")
 
 
+def cli():
+  """The `fettle-convert` console script."""
+  command.run_app(main, __name__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli()

@@ -1,19 +1,20 @@
 """Encodes one text column of a CSV with all-MiniLM-L6-v2 into a float32 `.npy` matrix.
 
-  python -m data_pipeline.featurize_text items.csv --column title --out text_feat.npy
+  fettle-featurize-text --csv=items.csv --column=title --out=text_feat.npy [--batch_size=64]
+  (or: python -m data_pipeline.featurize_text --csv=items.csv --column=title ...)
 
 Row k of the output is the unit-norm embedding of data row k (header excluded).
 """
 
-import argparse
 import csv
 import os
 import sys
-from typing import Optional
 
+from absl import flags
 import numpy as np
 
 from data_pipeline.errors import DataError
+from fettle_jax.tools import command
 
 
 def read_column(csv_path: str, column: str) -> list[str]:
@@ -62,25 +63,43 @@ def featurize(csv_path: str, column: str, out_path: str, batch_size: int = 64,
   return features
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m data_pipeline.featurize_text",
-      description="Encode a CSV text column with all-MiniLM-L6-v2 into a float32 .npy matrix.")
-  parser.add_argument("csv_path", help="CSV file with a header row")
-  parser.add_argument("--column", required=True, help="name of the text column to encode")
-  parser.add_argument("--out", required=True, help="output .npy path (float32 [rows, 384])")
-  parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch")
-  args = parser.parse_args(argv)
-  if args.batch_size < 1:
-    parser.error(f"--batch-size must be positive, got {args.batch_size}")
-  try:
-    features = featurize(args.csv_path, args.column, args.out, args.batch_size)
-  except (DataError, OSError) as e:
-    print(f"featurize_text: error: {e}", file=sys.stderr)
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """The command line's flags; defined by `cli`, not at import: other tools define --out."""
+  flags.DEFINE_string("csv", None, "CSV file with a header row.", flag_values=flag_values)
+  flags.DEFINE_string("column", None, "Name of the text column to encode.",
+                      flag_values=flag_values)
+  flags.DEFINE_string("out", None, "Output .npy path (float32 [rows, 384]).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 64, "Sentences per batch.", lower_bound=1,
+                       flag_values=flag_values)
+
+
+def main(argv, flag_values=flags.FLAGS) -> int:
+  """Runs on parsed `flag_values`; returns the exit status (errors: one line, status 1)."""
+  values = flag_values
+  problem = None
+  if len(argv) > 1:
+    problem = f"unexpected arguments {argv[1:]} (the CSV file is --csv)"
+  elif not (values.csv and values.column and values.out):
+    problem = "--csv, --column and --out are required (see --help)"
+  if problem is None:
+    try:
+      features = featurize(values.csv, values.column, values.out, values.batch_size)
+    except (DataError, OSError) as e:
+      problem = str(e)
+  if problem is not None:
+    print(f"featurize_text: error: {problem}", file=sys.stderr)
     return 1
-  print(f"wrote {args.out}: {features.shape[0]} x {features.shape[1]} float32", file=sys.stderr)
+  print(f"wrote {values.out}: {features.shape[0]} x {features.shape[1]} float32",
+        file=sys.stderr)
   return 0
 
 
+def cli():
+  """The `fettle-featurize-text` console script."""
+  define_flags()
+  command.run_app(main, __name__)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  cli()

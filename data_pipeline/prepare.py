@@ -1,6 +1,6 @@
 """Prepares an embedded data set once into a cache folder and prints where it is.
 
-  python -m data_pipeline.prepare ml100k [--root DIR]
+  fettle-prepare ml100k [--root=DIR]      (or: python -m data_pipeline.prepare ml100k)
 
 The root is --root, else $FETTLE_JAX_DATA, else ~/.cache/fettle_jax; the data set lands in
 <root>/<name>/ and downloads are kept in <root>/downloads/. A data set is built in a private
@@ -14,12 +14,12 @@ import sys
 import time
 from typing import Callable, Optional
 
-from absl import app
 from absl import flags
 
 from data_pipeline import ml100k
 from data_pipeline import wheels
 from data_pipeline.errors import DataError
+from fettle_jax.tools import command
 
 COMPLETE = ".complete"
 DOWNLOADS = "downloads"
@@ -98,7 +98,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   names = argv[1:]
   if len(names) != 1:
-    sys.exit(f"usage: python -m data_pipeline.prepare NAME [--root DIR]; NAME is one of: "
+    sys.exit(f"usage: fettle-prepare NAME [--root=DIR]; NAME is one of: "
              f"{', '.join(sorted(BUILDERS))}")
   try:
     out = prepare(names[0], FLAGS.root)
@@ -107,7 +107,12 @@ def main(argv):
   print(out)
 
 
-if __name__ == "__main__":
+def cli():
+  """The `fettle-prepare` console script."""
   # Defined here, not at import: a program importing prepare() may define its own --root.
   flags.DEFINE_string("root", None, f"Data root (default: ${wheels.ENV_ROOT}, else {wheels.DEFAULT_ROOT}).")
-  app.run(main)
+  command.run_app(main, __name__)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,6 +1,7 @@
 """Paper-scale synthetic twins of the FETTLE data sets (Table 1: Baby, Sports, Clothing).
 
-  python -m data_pipeline.synthetic --like baby --out data/baby-synth [--seed 0] [--scale 1.0]
+  fettle-synthetic --like=baby --out=data/baby-synth [--seed=0] [--scale=1.0]
+  (or: python -m data_pipeline.synthetic --like=baby --out=data/baby-synth)
 
 Writes MMRec format (`<like>.inter`, `image_feat.npy` 4096-d, `text_feat.npy` 384-d) with exactly
 the paper's user / item / interaction counts, plus `item_noise.npy`, `item_latent.npy` and
@@ -36,11 +37,11 @@ import zlib
 from typing import Dict, Optional
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from data_pipeline.ml100k import split_by_order
 from data_pipeline.mmrec_writer import TEST, TRAIN, VALID, write_mmrec
+from fettle_jax.tools import command
 
 # Table 1 of the FETTLE paper (users, items, interactions).
 PAPER_COUNTS = {
@@ -278,8 +279,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   if not (FLAGS.like and FLAGS.out):
-    sys.exit("usage: python -m data_pipeline.synthetic --like baby|sports|clothing --out DIR "
-             "[--seed 0] [--scale 1.0]")
+    sys.exit("usage: fettle-synthetic --like=baby|sports|clothing --out=DIR [--seed=0] "
+             "[--scale=1.0]")
   start = time.time()
   try:
     data = generate(FLAGS.like, FLAGS.seed, FLAGS.scale)
@@ -292,10 +293,15 @@ def main(argv):
         f"({time.time() - start:.1f} s total)")
 
 
-if __name__ == "__main__":
+def cli():
+  """The `fettle-synthetic` console script."""
   # Defined here, not at import: other modules define flags such as --out in the same process.
   flags.DEFINE_string("like", None, f"Which paper data set to imitate: {', '.join(PAPER_COUNTS)}.")
   flags.DEFINE_string("out", None, "Output folder (MMRec format).")
   flags.DEFINE_integer("seed", 0, "Random seed; the output is a deterministic function of it.")
   flags.DEFINE_float("scale", 1.0, "Shrinks users, items and interactions proportionally.")
-  app.run(main)
+  command.run_app(main, __name__)
+
+
+if __name__ == "__main__":
+  cli()

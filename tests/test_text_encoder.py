@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ pytest.importorskip("safetensors")
 from data_pipeline import featurize_text  # noqa: E402
 from data_pipeline import text_encoder  # noqa: E402
 from data_pipeline.errors import DataError  # noqa: E402
+from tests.conftest import subprocess_env  # noqa: E402
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "minilm")
@@ -68,13 +70,21 @@ def _write_csv(path, text):
   return str(path)
 
 
+def _run_cli(args):
+  """fettle-featurize-text in this process: its flags on a private FlagValues (other tools
+  define --out on the global one)."""
+  flag_values = flags.FlagValues()
+  featurize_text.define_flags(flag_values)
+  return featurize_text.main(flag_values(["fettle-featurize-text", *args]), flag_values)
+
+
 def test_cli_writes_features(encoder, reference, tmp_path):
   sentences, _, expected = reference
   rows = [0, 1, 42]
   lines = ["item_id,title"] + [f'{k},"{sentences[i]}"' for k, i in enumerate(rows)]
   csv_path = _write_csv(tmp_path / "items.csv", "\n".join(lines) + "\n")
   out = str(tmp_path / "sub" / "text_feat.npy")
-  rc = featurize_text.main([csv_path, "--column", "title", "--out", out, "--batch-size", "2"])
+  rc = _run_cli([f"--csv={csv_path}", "--column=title", f"--out={out}", "--batch_size=2"])
   assert rc == 0
   features = np.load(out)
   assert features.dtype == np.float32 and features.shape == (3, 384)
@@ -86,11 +96,9 @@ def test_cli_missing_column_is_one_line_error(tmp_path):
   out = tmp_path / "text_feat.npy"
   # A real subprocess: checks the exit status and that no traceback reaches the user.
   proc = subprocess.run(
-      [sys.executable, "-m", "data_pipeline.featurize_text", csv_path, "--column", "name",
-       "--out", str(out)],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": os.pathsep.join(
-          [os.path.abspath(REPO), os.environ.get("PYTHONPATH", "")])})
+      [sys.executable, "-m", "data_pipeline.featurize_text", f"--csv={csv_path}",
+       "--column=name", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, env=subprocess_env())
   assert proc.returncode != 0
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "'name'" in lines[0] and "title" in lines[0], proc.stderr
@@ -98,8 +106,8 @@ def test_cli_missing_column_is_one_line_error(tmp_path):
 
 
 def test_cli_missing_file_is_one_line_error(tmp_path, capsys):
-  rc = featurize_text.main([str(tmp_path / "nope.csv"), "--column", "title",
-                            "--out", str(tmp_path / "x.npy")])
+  rc = _run_cli([f"--csv={tmp_path / 'nope.csv'}", "--column=title",
+                 f"--out={tmp_path / 'x.npy'}"])
   err = capsys.readouterr().err.strip().splitlines()
   assert rc != 0 and len(err) == 1 and "no such file" in err[0]
 
