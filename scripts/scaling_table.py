@@ -28,33 +28,40 @@ Columns (bytes per device; the table prints MiB):
 - total: params + opt_state + static + max(step_activation, eval_scores): training and
   evaluation are separate programs, so only the larger of the two temporaries counts.
 
-`predict(...)` is importable (`sys.path.insert(0, "scripts"); import scaling_table`), e.g.
-by scripts/benchmark_steps.py to print a prediction next to a measurement.
+`predict(...)` is importable by the other scripts (`import scaling_table`: a script's own
+folder is first on its sys.path), e.g. scripts/benchmark_steps.py prints a prediction next
+to a measurement.
 """
 
-import argparse
 import json
 import os
 import sys
 from typing import Dict, Mapping, Sequence, Tuple
 
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipeline import synthetic
+from fettle_jax import alignment as alignment_lib
+from fettle_jax import graphs
+from fettle_jax import sampling
+from fettle_jax import sharding
+from fettle_jax import train
+from fettle_jax import backbones as backbone_contract
+from fettle_jax import workdir as workdir_lib
+from fettle_jax.backbones import get_backbone
+from fettle_jax.types import DataInfo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
-import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-
-from data_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-from fettle_jax import alignment as alignment_lib  # pylint: disable=g-import-not-at-top
-from fettle_jax import graphs  # pylint: disable=g-import-not-at-top
-from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
-from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
-from fettle_jax import train  # pylint: disable=g-import-not-at-top
-from fettle_jax import backbones as backbone_contract  # pylint: disable=g-import-not-at-top
-from fettle_jax.backbones import get_backbone  # pylint: disable=g-import-not-at-top
-from fettle_jax.types import DataInfo  # pylint: disable=g-import-not-at-top
+FLAGS = flags.FlagValues()  # this tool's own flags (benchmark_steps.py imports it)
+_CONFIG = flags.DEFINE_string(
+    "config", os.path.join(ROOT, "configs", "freedom_baby.py"),
+    "Config file with get_config() (default: FREEDOM+FETTLE, the paper's settings).",
+    flag_values=FLAGS)
+_JSON = flags.DEFINE_string("json", "", "Also write every row (bytes) to this file.",
+                            flag_values=FLAGS)
 
 COLUMNS = ("params", "opt_state", "static", "step_activation", "eval_scores", "total")
 MESHES = ((1, 1), (8, 1), (4, 2), (2, 4), (1, 8), (1, 64))
@@ -193,14 +200,11 @@ def markdown(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=os.path.join(ROOT, "configs", "freedom_baby.py"),
-                      help="config file with get_config() (default: FREEDOM+FETTLE, paper's "
-                      "settings)")
-  parser.add_argument("--json", default="", help="also write every row (bytes) to this file")
-  args = parser.parse_args(argv)
-  config = load_config(args.config)
+def main(argv) -> int:
+  """The command line; returns the exit status."""
+  if not workdir_lib.parse_flags(FLAGS, argv, __doc__, required=()):
+    return 0
+  config = load_config(_CONFIG.value)
   rows = table(config)
   print(f"Per-device MiB, FREEDOM+FETTLE: L={config.embedding_size}, B={config.batch_size}, "
         f"P_ITV={config.fettle.prototypes_item}, P_UI={config.fettle.prototypes_user}, "
@@ -208,10 +212,11 @@ def main(argv=None):
         + ", ".join(f"{k} {v}-d" for k, v in sorted(synthetic.DIMS.items()))
         + f"; n_train = {TRAIN_SHARE:g} x interactions.\n")
   print(markdown(rows))
-  if args.json:
-    with open(args.json, "w") as f:
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
       json.dump({"columns": COLUMNS, "unit": "bytes per device", "rows": rows}, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main(sys.argv))

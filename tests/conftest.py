@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny data sets written in the on-disk formats users have."""
 
+import importlib.util
 import os
 import sys
 
@@ -23,11 +24,30 @@ os.environ["XLA_FLAGS"] = " ".join(
     + [f"--{flag}={value}" for flag, value in _TEST_XLA_FLAGS.items()
        if flag not in os.environ.get("XLA_FLAGS", "")]).strip()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
+# The checkout is first on sys.path through setup.cfg's `pythonpath = .` (pytest >= 7).
 from data_pipeline import mmrec_writer  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**overrides) -> dict:
+  """os.environ with the checkout first on PYTHONPATH, for child Pythons: they do not get
+  pytest's sys.path, and would otherwise import an installed copy of the packages."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, PYTHONPATH=path, **overrides)
+
+
+def load_script(name: str):
+  """scripts/<name>.py as a module (scripts/ is a folder of programs, not a package),
+  loaded once per process."""
+  key = f"{name}_script"
+  if key not in sys.modules:
+    spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "scripts",
+                                                                    f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+  return sys.modules[key]
 
 
 def pytest_ignore_collect(collection_path, config):

@@ -2,20 +2,15 @@
 
 import json
 import math
-import os
-import sys
 
 import jax
 import numpy as np
 
-from tests.conftest import tiny_config
+from fettle_jax import sharding
+from fettle_jax import train
+from tests.conftest import load_script, tiny_config
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "scripts"))
-import scaling_table  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from fettle_jax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fettle_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+scaling_table = load_script("scaling_table")
 
 
 def _freedom_fettle(path):
@@ -74,7 +69,7 @@ def test_shard_bytes_pads_like_the_placement():
 def test_table_rows_and_json(tmp_path, monkeypatch):
   monkeypatch.setattr(scaling_table, "MESHES", ((1, 1), (8, 1), (1, 8)))  # fewer rows: speed
   out = tmp_path / "table.json"
-  scaling_table.main(["--json", str(out)])
+  assert scaling_table.main(["scaling_table.py", f"--json={out}"]) == 0
   rows = json.loads(out.read_text())["rows"]
   assert len(rows) == 4 * 3
   assert {r["dataset"] for r in rows} == {"Baby", "Sports", "Clothing", "Baby x100"}
