@@ -8,7 +8,6 @@ restored onto one device).
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -17,10 +16,8 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fettle_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from fettle_jax import train  # pylint: disable=g-import-not-at-top
+from fettle_jax import checkpoint
+from fettle_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per run (early stopping off).")

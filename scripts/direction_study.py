@@ -21,7 +21,6 @@ FETTLE's codebooks default to 256 / 512 (the ml100k scaling) to keep a CPU run s
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -29,15 +28,12 @@ from absl import logging
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from configs import base  # pylint: disable=g-import-not-at-top
-from data_pipeline import synthetic  # pylint: disable=g-import-not-at-top
-from fettle_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-from fettle_jax import figures  # pylint: disable=g-import-not-at-top
-from fettle_jax import train  # pylint: disable=g-import-not-at-top
-from fettle_jax.alignment import modalities  # pylint: disable=g-import-not-at-top
+from configs import base
+from data_pipeline import synthetic
+from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import figures
+from fettle_jax import train
+from fettle_jax.alignment import modalities
 
 _OUT = flags.DEFINE_string("out", "runs/direction_study", "Output folder (runs, tables).")
 _TWIN = flags.DEFINE_string("twin", "/tmp/baby_twin", "Synthetic twin folder (generated if "

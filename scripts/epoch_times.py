@@ -22,8 +22,6 @@ import time
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 _DATA = flags.DEFINE_string("data", "/tmp/baby_twin", "MMRec/LATTICE-format data folder.")
 _CONFIGS = flags.DEFINE_enum("configs", "baby", ["baby", "ml100k"],
                               "Config family: configs/<backbone>_<configs>.py.")

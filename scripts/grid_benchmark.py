@@ -12,7 +12,6 @@ compiling). Writes `<out>/benchmark.json` and prints a Markdown summary.
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -21,11 +20,10 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from fettle_jax import grid
+from fettle_jax import train
 
-from fettle_jax import grid  # pylint: disable=g-import-not-at-top
-from fettle_jax import train  # pylint: disable=g-import-not-at-top
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(ROOT, "configs", "bpr_ml100k.py"), "Experiment config file.")

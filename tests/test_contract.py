@@ -118,7 +118,6 @@ def test_one_copy_of_the_features_on_device(tiny_mmrec):
 
 
 def test_run_py_input_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import run  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.FLAGS(["run.py"])

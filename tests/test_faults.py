@@ -11,10 +11,9 @@ import pytest
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import train
 from fettle_jax.errors import WorkdirInUseError
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, load_script, subprocess_env, tiny_config
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import kill_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+kill_loop = load_script("kill_loop")
 
 
 def fettle_config(path, max_epochs, model="lightgcn", alignment="none"):
@@ -56,8 +55,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_mm
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
   code = f"""
-import resource, signal, sys
-sys.path.insert(0, {ROOT!r})
+import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # history lines fit, arrays do not
 from tests.test_faults import fettle_config
@@ -68,8 +66,8 @@ try:
 except REPORTED_ERRORS as e:
   print("error:", e)
 """
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+                       capture_output=True, text=True, timeout=300)
   lines = out.stdout.strip().splitlines()
   assert lines and lines[-1].startswith("error: epoch 3: could not write the checkpoint"), (
       out.stdout + out.stderr)

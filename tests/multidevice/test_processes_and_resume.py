@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fettle_jax import train
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 
@@ -33,15 +33,13 @@ def assert_same_metrics(a, b, atol=1e-5):
 def test_two_processes_match_one_process_with_eight_devices(tiny_mmrec, tmp_path):
   config_file = tmp_path / "tiny_config.py"
   config_file.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {ROOT!r})\n"
       "from tests.conftest import tiny_config\n"
       "def get_config():\n"
       f"  config = tiny_config({tiny_mmrec!r}, model='lightgcn', alignment='fettle')\n"
       "  config.max_epochs = 2\n"
       "  return config\n")
   port, workdir = free_port(), tmp_path / "two"
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
+  env = subprocess_env(JAX_NUM_CPU_DEVICES="4")
   processes = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "run.py"), f"--config={config_file}",
        f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -86,8 +84,6 @@ def test_killed_on_8x1_resumes_on_2x4_and_on_one_device(tiny_mmrec, tmp_path):
 def test_a_dead_process_ends_the_other_with_one_error_line(tiny_mmrec, tmp_path):
   config_file = tmp_path / "endless_config.py"
   config_file.write_text(
-      "import sys\n"
-      f"sys.path.insert(0, {ROOT!r})\n"
       "from tests.conftest import tiny_config\n"
       "def get_config():\n"
       f"  config = tiny_config({tiny_mmrec!r}, model='bpr')\n"
@@ -95,7 +91,7 @@ def test_a_dead_process_ends_the_other_with_one_error_line(tiny_mmrec, tmp_path)
       "  config.checkpoint_every_epochs = 100000\n"
       "  return config\n")
   port = free_port()
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
+  env = subprocess_env(JAX_NUM_CPU_DEVICES="4")
   processes = [subprocess.Popen(
       [sys.executable, os.path.join(ROOT, "run.py"), f"--config={config_file}",
        f"--workdir={tmp_path / 'run'}", f"--coordinator_address=127.0.0.1:{port}",
