@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
@@ -49,8 +48,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
@@ -245,7 +242,6 @@ def build_step(data, backbone_name, variant):
 
 def memory_rows(data, entry, n_steps):
   """Measured bytes on the first device vs scaling_table's prediction, one row per column."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import scaling_table  # pylint: disable=g-import-not-at-top
   layout, state = entry["layout"], entry["state"]
   chunk = [b[:n_steps] for b in entry["batches"]]

@@ -207,8 +207,6 @@ def test_summary_groups_seeds_and_marks_the_best_validation_row():
 
 def test_run_py_sweep_and_seeds_train_one_grid_and_print_its_table(monkeypatch, capsys,
                                                                    tmp_path):
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import run  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   calls = []
