@@ -1,7 +1,7 @@
 """The paper's Table 2 and Table 3 on any data set, end to end (tuned, trained, tabulated).
 
   fettle-experiments --out=runs/ml100k_table [--seeds=0,1,2] [--backbones=...]
-  fettle-experiments --out=runs/baby_table --data=DIR --configs=baby \
+  fettle-experiments --out=runs/baby_table --data=DIR --configs=baby \\
       [--ablation=freedom,lightgcn]
 
 (`python scripts/experiments.py ...` runs the same.)
