@@ -378,7 +378,7 @@ wheel `{WHEEL_NAME}` (sha256 `{WHEEL_SHA256}`).
 - `text_feat.npy`: float32 {meta['features']['text']}, row k = item k.
 - `kg_feat.npy`: float32 {meta['features']['kg']}, row k = item k.
 - `items.csv`: item_id, raw_item_id (MovieLens id), title, genres, sentence (the text encoded;
-  `python -m data_pipeline.featurize_text items.csv --column sentence --out text_feat.npy`
+  `fettle-featurize-text --csv=items.csv --column=sentence --out=text_feat.npy`
   encodes it again).
 - `users.csv`: user_id, raw_user_id.
 - `metadata.json`: these counts and the kg statistics.

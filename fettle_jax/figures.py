@@ -1,5 +1,6 @@
 """The paper's figures as numbers and plots: pure functions of arrays and run results
-(scripts/figures.py does the I/O). Every plot is written next to a CSV of its numbers.
+(fettle-figures, fettle_jax/tools/figures.py, does the I/O). Every plot is written next
+to a CSV of its numbers.
 
 - `false_positive_share` (Fig. 1, Sec 1): of the item pairs that are dissimilar in every
   modality, the share the final item representation ranks as similar.
