@@ -20,10 +20,6 @@ from data_pipeline.lattice import convert_to_mmrec, remap_to_mmrec
 from fettle_jax.tools import command
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "LATTICE-format folder (train.json, val.json, test.json).")
-flags.DEFINE_string("out", None, "Output folder for the MMRec-format data set.")
-flags.DEFINE_string("name", None, "Data set name: the output is <out>/<name>.inter.")
-flags.DEFINE_bool("remap", False, "Renumber user and item ids to 0..n-1 (either input format).")
 
 
 def main(argv):
@@ -40,6 +36,11 @@ def main(argv):
 
 def cli():
   """The `fettle-convert` console script."""
+  # Defined here, not at import: other tools define --out in the same process.
+  flags.DEFINE_string("src", None, "LATTICE-format folder (train.json, val.json, test.json).")
+  flags.DEFINE_string("out", None, "Output folder for the MMRec-format data set.")
+  flags.DEFINE_string("name", None, "Data set name: the output is <out>/<name>.inter.")
+  flags.DEFINE_bool("remap", False, "Renumber user and item ids to 0..n-1 (either input format).")
   command.run_app(main, __name__)
 
 
