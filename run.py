@@ -1,9 +1,13 @@
 """Trains and evaluates one experiment described by a config file.
 
   python run.py --config=configs/lightgcn_baby.py [--config.key=value ...] [--workdir=DIR]
+  python run.py --config=lightgcn_baby ...      # a name in configs/, from any folder
 
 Writes `<workdir>/metrics.json` and Orbax checkpoints; rerunning with the same workdir
-resumes where a killed run stopped.
+resumes where a killed run stopped. A mistake in the config (a missing file, an unknown
+field, a value of the wrong type, an unknown backbone, alignment or mesh size, a data folder
+without data) is one `error:` line and exit status 1, before any run folder is made. An
+explicit --config.data.path wins over the config's built-in data set (data.prepare).
 
 A grid of settings (float fields x seeds) trains in one compiled program (fettle_jax/grid.py):
 
@@ -51,7 +55,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "(and shapes) loads its compiled programs instead of compiling, and its traced epoch and "
     "evaluation programs (DIR/programs) instead of tracing them. Default: "
     "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
-    "'none' turns both off.")
+    "'none' turns both off. A folder it creates is private (0700); the XLA cache holds "
+    "compiled machine code, so share a folder only among people who trust each other.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "Grid: FIELD=V1,V2,... over a float config field (repeatable; the grid is "
     "the cross product). With --sweep or --grid_seeds, every setting trains side by side in one "

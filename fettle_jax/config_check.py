@@ -31,6 +31,8 @@ from fettle_jax.errors import ConfigError
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPOSITORY, "configs")
 FLAG = "config"
+# Fields the code sets, never a person: grid.py names the grid's vmap axis.
+INTERNAL_FIELDS = {"grid_axis": "it is set by --sweep / --grid_seeds"}
 # Fields whose values name modules: checked here against the modules that exist.
 ALIGNMENTS = ("fettle", "bm3", "none")
 
@@ -71,6 +73,7 @@ def split_arguments(argv: Sequence[str]) -> CommandLine:
         text = arguments[index]
         index += 1
       spec = text
+      rest.append(f"--{FLAG}={text}")  # absl's copy (--help, FLAGS.config): the same value
     elif name.startswith(FLAG + ".") or name.startswith("no" + FLAG + "."):
       negated = name.startswith("no")
       field = name.split(".", 1)[1]
@@ -283,12 +286,16 @@ def apply_override(config: ml_collections.ConfigDict, override: Override) -> Non
   section = section.rstrip(".")
   if name not in node:
     raise _unknown_field(config, override, section, name)
+  if override.field in INTERNAL_FIELDS:
+    raise ConfigError(f"--config.{override.field} cannot be set: "
+                      f"{INTERNAL_FIELDS[override.field]}")
   default = node[name]
   if isinstance(default, ml_collections.ConfigDict):
     raise ConfigError(f"--config.{override.field} is a section; set its fields, e.g. "
                       f"--config.{override.field}.{sorted(default.keys())[0]}=VALUE")
   field_type = node.get_type(name)
-  nullable = default is None  # a typed None (FieldReference): `None` keeps it unset
+  # A typed field that may be None (a FieldReference, e.g. data.modalities) takes `None`.
+  nullable = isinstance(node._fields.get(name), ml_collections.FieldReference)  # pylint: disable=protected-access
   try:
     value = parse_value(override, field_type, default, nullable)
     node[name] = value
@@ -329,12 +336,13 @@ def resolve_data_source(config: ml_collections.ConfigDict, overrides: Sequence[O
   config.data.prepare = ""
 
 
-def check_data_folder(config: ml_collections.ConfigDict) -> None:
+def check_data_folder(config: ml_collections.ConfigDict, cwd: Optional[str] = None) -> None:
   """Without a built-in data set to prepare, the data folder must hold one (its format is
   detected from its file names; the files are read later)."""
   if not config.data.prepare:
     from data_pipeline import dataset  # pylint: disable=g-import-not-at-top
-    dataset.detect_format(os.path.abspath(config.data.path))  # absolute: says where it looked
+    # Absolute, so that the message says where it looked.
+    dataset.detect_format(os.path.join(cwd or os.getcwd(), config.data.path))
 
 
 def config_from_command_line(argv: Sequence[str], default_spec: str,
@@ -350,5 +358,5 @@ def config_from_command_line(argv: Sequence[str], default_spec: str,
     apply_override(config, override)
   resolve_data_source(config, command.overrides)
   check_names(config)
-  check_data_folder(config)
+  check_data_folder(config, cwd)
   return config, os.path.splitext(os.path.basename(path))[0], command.rest
