@@ -26,6 +26,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 from absl import flags
 import ml_collections
 
+from data_pipeline.errors import DataError
 from fettle_jax.errors import ConfigError
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -351,12 +352,20 @@ def config_from_command_line(argv: Sequence[str], default_spec: str,
   """(config, config file name without `.py`, the arguments absl parses): the file found,
   every override applied in order (the last of a field wins), the names checked, the data
   source settled. Raises ConfigError (or DataError for a folder without data)."""
-  command = split_arguments(argv)
-  path = find_config_file(command.config_spec or default_spec, cwd)
-  config = load_config_file(path)
-  for override in command.overrides:
-    apply_override(config, override)
-  resolve_data_source(config, command.overrides)
-  check_names(config)
-  check_data_folder(config, cwd)
+  try:
+    command = split_arguments(argv)
+    path = find_config_file(command.config_spec or default_spec, cwd)
+    config = load_config_file(path)
+    for override in command.overrides:
+      apply_override(config, override)
+    resolve_data_source(config, command.overrides)
+    check_names(config)
+    check_data_folder(config, cwd)
+  except (ConfigError, DataError) as e:  # a value's line break or tab stays on the line
+    raise type(e)(printable(str(e))) from None
   return config, os.path.splitext(os.path.basename(path))[0], command.rest
+
+
+def printable(text: str) -> str:
+  """`text` with every unprintable character escaped (a newline as \\n): one line."""
+  return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
