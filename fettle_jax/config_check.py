@@ -12,7 +12,7 @@ An explicit `--config.data.path` wins over the config's built-in data set: it cl
 `data.prepare` (giving a non-empty `--config.data.prepare` as well is refused), and the
 folder must hold a data set before anything else happens.
 
-This module only reads: it imports no backend and creates no file or folder.
+This module only reads: it touches no device and creates no file or folder.
 """
 
 import ast
@@ -27,6 +27,7 @@ from absl import flags
 import ml_collections
 
 from data_pipeline.errors import DataError
+from fettle_jax.alignment import ALIGNMENTS
 from fettle_jax.errors import ConfigError
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,6 @@ CONFIGS = os.path.join(REPOSITORY, "configs")
 FLAG = "config"
 # Fields the code sets, never a person: grid.py names the grid's vmap axis.
 INTERNAL_FIELDS = {"grid_axis": "it is set by --sweep / --grid_seeds"}
-# Fields whose values name modules: checked here against the modules that exist.
-ALIGNMENTS = ("fettle", "bm3", "none")
 
 
 class Override(NamedTuple):
@@ -102,7 +101,7 @@ def config_candidates(spec: str, cwd: Optional[str] = None) -> List[str]:
 
 
 def config_names() -> List[str]:
-  """The experiment files in configs/ (every .py with a get_config, by name)."""
+  """The experiment files in configs/ by name (base.py holds only shared defaults)."""
   names = []
   for file in sorted(os.listdir(CONFIGS)):
     if file.endswith(".py") and not file.startswith("_") and file != "base.py":
