@@ -41,11 +41,12 @@ from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 from data_pipeline import wheels  # pylint: disable=g-import-not-at-top
 
-DEFAULT_CONFIG = "default"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "default.py")
 # --config and its --config.FIELD=VALUE overrides are read by fettle_jax/config_check.py
 # (in parse_command_line, before absl sees the other flags); this definition is its --help.
 flags.DEFINE_string(
-    "config", DEFAULT_CONFIG, "Experiment config: a file (from the current directory or the "
+    "config", "configs/default.py", "Experiment config: a file (from the current directory or the "
     "repository root) or a name in configs/ (default: FREEDOM + FETTLE on ml100k). Fields "
     "are set with --config.FIELD=VALUE, e.g. --config.fettle.alpha=1e-3.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, checkpoints. "

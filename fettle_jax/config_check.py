@@ -295,7 +295,8 @@ def apply_override(config: ml_collections.ConfigDict, override: Override) -> Non
                       f"--config.{override.field}.{sorted(default.keys())[0]}=VALUE")
   field_type = node.get_type(name)
   # A typed field that may be None (a FieldReference, e.g. data.modalities) takes `None`.
-  nullable = isinstance(node._fields.get(name), ml_collections.FieldReference)  # pylint: disable=protected-access
+  reference = node._fields.get(name)  # pylint: disable=protected-access
+  nullable = isinstance(reference, ml_collections.FieldReference)
   try:
     value = parse_value(override, field_type, default, nullable)
     node[name] = value

@@ -143,7 +143,8 @@ def describe_tree(tree) -> Any:
   if node_type in (tuple, list):
     return {node_type.__name__: children}
   if node_type is dict:
-    if not all(isinstance(k, str) or type(k) is int for k in data):  # pylint: disable=unidiomatic-typecheck
+    if not all(isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
+               for k in data):
       raise TypeError(f"dict keys {list(data)[:3]} are neither str nor int")
     return {"dict": [[key, child] for key, child in zip(data, children)]}
   if issubclass(node_type, tuple) and hasattr(node_type, "_fields"):

@@ -98,7 +98,8 @@ def test_values_are_read_as_their_fields_types():
   assert (config.fettle.use_cla, config.fettle.use_dt) == (False, False)
   assert config.topk == (5, 10) and config.data.modalities == ("text", "kg")
   assert config.slmrec.fac_order == ("a", "b")
-  assert load("--config.data.modalities=text", "--config.data.modalities=None")[0].data.modalities is None
+  unset = load("--config.data.modalities=text", "--config.data.modalities=None")[0]
+  assert unset.data.modalities is None
   assert load("--config.fettle.use_cla")[0].fettle.use_cla is True
 
 
