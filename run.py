@@ -1,9 +1,13 @@
 """Trains and evaluates one experiment described by a config file.
 
   python run.py --config=configs/lightgcn_baby.py [--config.key=value ...] [--workdir=DIR]
+  python run.py --config=lightgcn_baby ...      # a name in configs/, from any folder
 
 Writes `<workdir>/metrics.json` and Orbax checkpoints; rerunning with the same workdir
-resumes where a killed run stopped.
+resumes where a killed run stopped. A mistake in the config (a missing file, an unknown
+field, a value of the wrong type, an unknown backbone, alignment or mesh size, a data folder
+without data) is one `error:` line and exit status 1, before any run folder is made. An
+explicit --config.data.path wins over the config's built-in data set (data.prepare).
 
 A grid of settings (float fields x seeds) trains in one compiled program (fettle_jax/grid.py):
 
@@ -16,6 +20,7 @@ the best mean validation row marked) is printed and written to `<workdir>/grid.t
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,20 +28,27 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 # Make `configs` importable when run from elsewhere (configs import each other).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fettle_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
+from fettle_jax import config_check  # pylint: disable=g-import-not-at-top
 from fettle_jax import grid  # pylint: disable=g-import-not-at-top
+from fettle_jax import programs  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
+from data_pipeline import wheels  # pylint: disable=g-import-not-at-top
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
-    "Experiment config file (default: configs/default.py, FREEDOM + FETTLE on ml100k).")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                              "default.py")
+# --config and its --config.FIELD=VALUE overrides are read by fettle_jax/config_check.py
+# (in parse_command_line, before absl sees the other flags); this definition is its --help.
+flags.DEFINE_string(
+    "config", "configs/default.py", "Experiment config: a file (from the current directory or the "
+    "repository root) or a name in configs/ (default: FREEDOM + FETTLE on ml100k). Fields "
+    "are set with --config.FIELD=VALUE, e.g. --config.fettle.alpha=1e-3.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: metrics.json, checkpoints. "
                                "Default: runs/<config file name>.")
 _COMPILATION_CACHE = flags.DEFINE_string(
@@ -44,7 +56,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "(and shapes) loads its compiled programs instead of compiling, and its traced epoch and "
     "evaluation programs (DIR/programs) instead of tracing them. Default: "
     "<data cache root>/xla (the root is $FETTLE_JAX_DATA or ~/.cache/fettle_jax); "
-    "'none' turns both off.")
+    "'none' turns both off. A folder it creates is private (0700); the XLA cache holds "
+    "compiled machine code, so share a folder only among people who trust each other.")
 _SWEEP = flags.DEFINE_multi_string(
     "sweep", [], "Grid: FIELD=V1,V2,... over a float config field (repeatable; the grid is "
     "the cross product). With --sweep or --grid_seeds, every setting trains side by side in one "
@@ -128,6 +141,47 @@ def run_grid(config, workdir: str) -> None:
   print("\n".join(lines))
 
 
+def exit_with_error(message: str) -> None:
+  """One `error:` line on stderr (a message's own line breaks joined) and exit status 1."""
+  print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+  sys.exit(1)
+
+
+_RUN = {}  # parse_command_line's result: "config", "config_name"
+
+
+def parse_command_line(argv):
+  """absl's flags, then the experiment config (--config, --config.FIELD=VALUE: found,
+  overridden and checked by config_check). A mistake in either is one `error:` line and
+  exit 1, before a run folder, lock, cache or data set exists."""
+  try:
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    command = config_check.split_arguments(argv)
+    rest = flags.FLAGS(command.rest)  # --help and friends print and exit here
+    config, name, _ = config_check.config_from_command_line(argv, DEFAULT_CONFIG)
+  except flags.Error as e:
+    exit_with_error(e)
+  except REPORTED_ERRORS as e:
+    exit_with_error(e)
+  _RUN.update(config=config, config_name=name)
+  return rest
+
+
+def compilation_cache_directory() -> str:
+  """--compilation_cache, else <data cache root>/xla; a folder it creates is private."""
+  path = _COMPILATION_CACHE.value or os.path.join(wheels.cache_root(), "xla")
+  return programs.private_directory(path)
+
+
+def remove_if_unused(workdir: str, existed: bool) -> None:
+  """A run folder this command created and left holding nothing but its lock (the run
+  stopped before writing anything) is removed again."""
+  if existed or not os.path.isdir(workdir) or not train.is_primary():
+    return
+  if set(os.listdir(workdir)) <= {".lock"}:
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -135,24 +189,24 @@ def main(argv):
   if multi_process and not os.environ.get(SUPERVISED_ENV):
     sys.exit(supervise())
   logging.set_verbosity(logging.WARNING)  # our progress lines, not Orbax's internals
-  config = _CONFIG.value
-  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
-      flags.FLAGS["config"])))[0]
-  workdir = _WORKDIR.value or os.path.join("runs", config_name)
-  if _COMPILATION_CACHE.value != "none":
-    train.enable_compilation_cache(_COMPILATION_CACHE.value or None, traced_programs=True)
+  config = _RUN["config"]
+  workdir = _WORKDIR.value or os.path.join("runs", _RUN["config_name"])
+  existed = os.path.exists(workdir)
   try:
+    if _COMPILATION_CACHE.value != "none":
+      train.enable_compilation_cache(compilation_cache_directory(), traced_programs=True)
     # Before anything touches a device: join the other processes of a multi-process run.
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
+    train.check_config(config)  # the checks that need the devices, before the run folder
     if _SWEEP.value or _GRID_SEEDS.value:
       run_grid(config, workdir)
     else:
       train.train_and_evaluate(config, workdir)
   except REPORTED_ERRORS as e:  # input/environment: one line; bugs keep their traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    remove_if_unused(workdir, existed)
+    exit_with_error(e)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_command_line)

@@ -13,23 +13,33 @@ package, the versions of JAX and the libraries traced through, the devices and J
 settings. Anything else a trace could read (a monkeypatched function, a file) is not in it,
 which is why only run.py turns this on, not the library by default. A file that cannot be
 read or a program that cannot be exported costs one warning and a plain `jax.jit`.
+
+A stored program is data only: one line of JSON (format version, the output tree described
+as nested dicts/lists/tuples/NamedTuples, the size and sha256 of what follows), then the
+bytes of `Exported.serialize()`. Reading one never unpickles and never imports: a
+NamedTuple in the tree must be a class already loaded. The folder is created private to
+the user (0700) and each file readable by its owner only; anyone who can write the folder
+can still change what the programs compute (as with XLA's compiled-code cache beside it),
+so share a cache folder only among people who trust each other.
 """
 
 import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
-import pickle
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from jax import export as jax_export
 
 from fettle_jax import errors
 
-_FORMAT = 1  # bump when the file layout below changes
+_FORMAT = 2  # bump when the file layout below changes
+_SUFFIX = ".program"
+_MAX_HEADER = 1 << 20  # bytes: the JSON line of a stored program is far shorter
 _DIRECTORY = None
 # Only the same JAX, jaxlib and device kind ever load an artifact, so the custom calls'
 # cross-version compatibility (what export checks by default) does not matter here.
@@ -39,10 +49,17 @@ _TRACED_LIBRARIES = ("jax", "jaxlib", "optax", "flax", "chex", "numpy", "ml-coll
 _UNKEYED_SETTINGS = ("cache", "log", "traceback", "profil", "debug_log")
 
 
+def private_directory(path: str) -> str:
+  """`path`, created readable and writable by this user only (0700) if it is missing; a
+  folder that exists keeps its mode (the user chose it, e.g. a team's shared cache)."""
+  os.makedirs(path, mode=0o700, exist_ok=True)
+  return path
+
+
 def enable(directory: str) -> str:
-  """Stores and loads traced programs under `directory` (created if missing)."""
+  """Stores and loads traced programs under `directory` (created private if missing)."""
   global _DIRECTORY
-  os.makedirs(directory, exist_ok=True)
+  private_directory(directory)
   _DIRECTORY = directory
   return directory
 
@@ -113,20 +130,110 @@ def _warn(message: str) -> None:
   print(f"warning: program cache: {message}", file=sys.stderr, flush=True)
 
 
+def describe_tree(tree) -> Any:
+  """A JSON-able description of a pytree structure: "*" a leaf, null None, and
+  {"tuple"|"list": [...]}, {"dict": [[key, ...], ...]}, {"namedtuple": [module, name],
+  "fields": [...]}. Other node types raise TypeError (the program is then not stored)."""
+  if jax.tree_util.treedef_is_leaf(tree) and tree.node_data() is None:
+    return "*"
+  node_type, data = tree.node_data()
+  children = [describe_tree(child) for child in tree.children()]
+  if node_type is type(None):
+    return None
+  if node_type in (tuple, list):
+    return {node_type.__name__: children}
+  if node_type is dict:
+    if not all(isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
+               for k in data):
+      raise TypeError(f"dict keys {list(data)[:3]} are neither str nor int")
+    return {"dict": [[key, child] for key, child in zip(data, children)]}
+  if issubclass(node_type, tuple) and hasattr(node_type, "_fields"):
+    return {"namedtuple": [node_type.__module__, node_type.__qualname__],
+            "fields": children}
+  raise TypeError(f"pytree node {node_type.__name__} has no description")
+
+
+def _loaded_namedtuple(module: str, qualname: str) -> type:
+  """A NamedTuple class that is already loaded: nothing is imported for a cache file."""
+  owner = sys.modules.get(module)
+  if owner is None:
+    raise ValueError(f"module {module} is not loaded")
+  found = owner
+  for part in qualname.split("."):
+    found = getattr(found, part, None)
+  if not (isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields")):
+    raise ValueError(f"{module}.{qualname} is not a NamedTuple")
+  return found
+
+
+def _placeholder(description):
+  """A pytree with the described structure (every leaf 0)."""
+  if description == "*":
+    return 0
+  if description is None:
+    return None
+  if not isinstance(description, dict) or len(description) not in (1, 2):
+    raise ValueError(f"bad tree description {str(description)[:80]}")
+  if "tuple" in description:
+    return tuple(_placeholder(child) for child in description["tuple"])
+  if "list" in description:
+    return [_placeholder(child) for child in description["list"]]
+  if "dict" in description:
+    return {key: _placeholder(child) for key, child in description["dict"]}
+  if "namedtuple" in description:
+    cls = _loaded_namedtuple(*description["namedtuple"])
+    return cls(*[_placeholder(child) for child in description["fields"]])
+  raise ValueError(f"bad tree description {str(description)[:80]}")
+
+
+def rebuild_tree(description):
+  """The pytree structure `describe_tree` described."""
+  return jax.tree_util.tree_structure(_placeholder(description))
+
+
 def _load(path: str):
+  """(Exported, output tree) of a stored program; ValueError/OSError if it is not one."""
   with open(path, "rb") as f:
-    stored = pickle.load(f)
-  if stored.get("format") != _FORMAT:
-    raise ValueError(f"format {stored.get('format')}, expected {_FORMAT}")
-  return jax_export.deserialize(bytearray(stored["exported"])), stored["out_tree"]
+    header = json.loads(f.readline(_MAX_HEADER).decode("utf-8"))
+    payload = f.read()
+  if not isinstance(header, dict) or header.get("format") != _FORMAT:
+    raise ValueError(f"format {header.get('format') if isinstance(header, dict) else '?'}, "
+                     f"expected {_FORMAT}")
+  if len(payload) != header.get("size") or (
+      hashlib.sha256(payload).hexdigest() != header.get("sha256")):
+    raise ValueError("program bytes do not match the header (a torn or changed file)")
+  out_tree = rebuild_tree(header.get("out_tree"))
+  exported = jax_export.deserialize(bytearray(payload))
+  if out_tree.num_leaves != len(exported.out_avals):
+    raise ValueError(f"output tree has {out_tree.num_leaves} leaves, the program "
+                     f"{len(exported.out_avals)}")
+  return exported, out_tree
+
+
+def _check_inputs(exported, leaves) -> None:
+  """The stored program takes exactly these arguments (a file under a wrong name does not)."""
+  expected = [(tuple(a.shape), str(a.dtype)) for a in exported.in_avals]
+  given = [(tuple(x.shape), str(x.dtype)) for x in leaves]
+  if expected != given:
+    raise ValueError("the program's inputs differ from the call's")
 
 
 def _save(path: str, exported, out_tree) -> None:
+  payload = bytes(exported.serialize())
+  header = {"format": _FORMAT, "out_tree": describe_tree(out_tree), "size": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest()}
   temporary = f"{path}.{os.getpid()}.tmp"
-  with open(temporary, "wb") as f:
-    pickle.dump({"format": _FORMAT, "exported": bytes(exported.serialize()),
-                 "out_tree": out_tree}, f)
-  os.replace(temporary, path)  # readers see the whole file or none
+  # Owner-only from the start (O_EXCL: never through a file or link someone placed there).
+  descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  try:
+    with os.fdopen(descriptor, "wb") as f:
+      f.write(json.dumps(header).encode("utf-8") + b"\n")
+      f.write(payload)
+    os.replace(temporary, path)  # readers see the whole file or none
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
 
 
 def _flat_program(jitted: Callable, leaves, tree, donated_leaves, mesh):
@@ -179,13 +286,16 @@ def cached(call: Callable, name: str, description: str, donate_argnums=(),
     key = keys[signature]
     if key not in loaded:
       donated = _donated_leaves(args, donate_argnums)
-      path = os.path.join(_DIRECTORY, f"{name}-{key}.exported")
+      path = os.path.join(_DIRECTORY, f"{name}-{key}{_SUFFIX}")
       exported = out_tree = None
       if os.path.exists(path):
         try:
           exported, out_tree = _load(path)
-        except Exception as e:  # pylint: disable=broad-except
-          _warn(f"{path} unreadable ({type(e).__name__}: {e}); tracing again")
+          _check_inputs(exported, leaves)
+        except Exception as e:  # pylint: disable=broad-except  # any bad file: trace again
+          exported = out_tree = None
+          reason = (str(e).splitlines() or [""])[0][:200]
+          _warn(f"{path} unreadable ({type(e).__name__}: {reason}); tracing again")
       if exported is None:
         flat, traced_tree = _flat_program(jitted, leaves, tree, donated, mesh)
         try:
@@ -200,7 +310,8 @@ def cached(call: Callable, name: str, description: str, donate_argnums=(),
         out_tree = traced_tree[0]
         try:
           _save(path, exported, out_tree)
-        except (OSError, ImportError) as e:  # a full disk; no flatbuffers to serialize
+        except (OSError, ImportError, TypeError) as e:  # a full disk; no flatbuffers to
+          # serialize; an output tree node without a description
           _warn(f"{path} not written ({type(e).__name__}: {e})")
       loaded[key] = (jax.jit(exported.call, donate_argnums=donated), out_tree)
     return key, leaves
