@@ -139,8 +139,6 @@ def _error_line(path: str, error: BaseException) -> str:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of the file at `path`, locked (no new fields, as config_flags does)."""
-  if REPOSITORY not in sys.path:  # config files import each other as `configs.X`
-    sys.path.insert(0, REPOSITORY)
   name = "fettle_jax_config_" + "".join(c if c.isalnum() else "_" for c in path)
   try:
     spec = importlib.util.spec_from_file_location(name, path)
