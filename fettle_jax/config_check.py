@@ -20,7 +20,6 @@ import difflib
 import importlib.util
 import math
 import os
-import sys
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from absl import flags
