@@ -319,3 +319,17 @@ def per_device_bytes(arrays) -> int:
       if shard.device == device:
         total += shard.data.nbytes
   return total
+
+
+# ------------------------------------------------------------------------ graph row blocks
+# Graph propagation with node rows split over 'model' (graphs.propagate_row_blocks): the
+# shard_map lives here, with every other device decision.
+
+
+def map_model_row_blocks(local, rows, *replicated):
+  """Runs `local(rows_block, *replicated)` on each device of the traced mesh's 'model' axis:
+  `rows` [N, d] (N a multiple of the axis size) is split by rows, the other arguments are
+  whole on every device, and the [N / model, d] blocks come back as one [N, d] array split
+  by rows. `local` may use collectives over 'model' (e.g. all_gather the full input)."""
+  return jax.shard_map(local, in_specs=(P(MODEL, None),) + (P(),) * len(replicated),
+                       out_specs=P(MODEL, None), check_vma=False)(rows, *replicated)
