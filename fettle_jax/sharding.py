@@ -333,3 +333,17 @@ def map_model_row_blocks(local, rows, *replicated):
   by rows. `local` may use collectives over 'model' (e.g. all_gather the full input)."""
   return jax.shard_map(local, in_specs=(P(MODEL, None),) + (P(),) * len(replicated),
                        out_specs=P(MODEL, None), check_vma=False)(rows, *replicated)
+
+
+# ------------------------------------------------------------------------ stacked settings
+# A grid (fettle_jax/grid.py) stacks its settings' train states on a new leading axis.
+
+
+def stacked(placement: Placement, n: int) -> Placement:
+  """The placement of `n` trees like `placement`'s stacked on a new leading axis: each
+  leaf keeps its sharding on its own dimensions; the settings axis is not split."""
+  shardings = jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(None, *sh.spec)),
+                           placement.shardings)
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + tuple(s.shape), s.dtype),
+                        placement.shapes)
+  return Placement(shardings, shapes)
