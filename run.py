@@ -22,7 +22,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 # Make `configs` importable when run from elsewhere (configs import each other).
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fettle_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at-top
 from fettle_jax import grid  # pylint: disable=g-import-not-at-top
+from fettle_jax import progress  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 
@@ -134,7 +134,7 @@ def main(argv):
   multi_process = _COORDINATOR.value is not None or sharding.detected_cluster()
   if multi_process and not os.environ.get(SUPERVISED_ENV):
     sys.exit(supervise())
-  logging.set_verbosity(logging.WARNING)  # our progress lines, not Orbax's internals
+  progress.show_progress_lines()  # our timestamped progress lines, not Orbax's internals
   config = _CONFIG.value
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(
       flags.FLAGS["config"])))[0]

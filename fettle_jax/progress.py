@@ -12,16 +12,42 @@
   on without them.
 """
 
+import logging as python_logging
+import os
 import sys
 from typing import Dict, Optional
 
 from absl import logging
 import jax
 
+import data_pipeline
+
+# Source folders whose INFO lines a command line shows (other libraries': warnings only).
+OWN_SOURCES = (os.path.dirname(os.path.abspath(__file__)),
+               os.path.dirname(os.path.abspath(data_pipeline.__file__)))
+
 
 def is_primary() -> bool:
   """Process 0: the one that reports and writes the run folder (every process trains)."""
   return jax.process_index() == 0
+
+
+class _OwnInfoLines(python_logging.Filter):
+  """Passes warnings and errors from anyone, INFO lines from this project's sources only
+  (Orbax and JAX log their internals at INFO through the same absl handler)."""
+
+  def filter(self, record: python_logging.LogRecord) -> bool:
+    return (record.levelno >= python_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(OWN_SOURCES))
+
+
+def show_progress_lines() -> None:
+  """For command lines under absl's app: this project's INFO lines (the progress) are
+  shown, timestamped; other libraries' only from WARNING up."""
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoLines) for f in handler.filters):
+    handler.addFilter(_OwnInfoLines())
 
 
 def log(message: str) -> None:
@@ -95,7 +121,8 @@ class EpochBar:
 
 class Scalars:
   """Per-epoch TensorBoard scalars of one run folder (no-op when disabled or not process 0):
-  'train/loss', 'train/backbone_loss', 'train/alignment_loss' and 'valid/<metric>'."""
+  'train/loss', 'train/backbone_loss', 'train/alignment_loss' every epoch and
+  'valid/<metric>_<K>' (e.g. 'valid/recall_20') after every validation pass."""
 
   def __init__(self, directory: str, enabled: bool):
     self._writer = None
@@ -117,7 +144,8 @@ class Scalars:
                         ("alignment_loss", float(losses[1]))):
       self._writer.add_scalar(f"train/{name}", value, epoch)
     for name, value in sorted((valid or {}).items()):
-      self._writer.add_scalar(f"valid/{name}", value, epoch)
+      # TensorBoard tags allow no '@': 'recall@20' -> 'valid/recall_20'.
+      self._writer.add_scalar(f"valid/{name.replace('@', '_')}", value, epoch)
     self._writer.flush()
 
   def close(self) -> None:
