@@ -62,7 +62,8 @@ def plot(path: str, history: Sequence[dict], best_epoch: Optional[int] = None,
     valid.axvline(best_epoch, color="C3", linestyle=":",
                   label=f"best epoch {best_epoch} (selected)")
   valid.set(title=f"validation {name} (model selection)", xlabel="epoch", ylabel=name)
-  valid.legend()
+  if valid.get_legend_handles_labels()[0]:  # nothing to label before a validation pass
+    valid.legend()
   valid.grid(alpha=0.3)
   for axes in (losses, valid):
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs

@@ -90,6 +90,20 @@ def test_fettle_under_the_grid_vmap_equals_each_setting(monkeypatch):
                                 atol=1e-5, rtol=1e-5)
 
 
+def test_a_diverging_setting_stops_alone_under_the_one_nan_policy(tiny_mmrec, tmp_path):
+  """train.train_loop's NaN policy in a grid: the setting whose loss is not finite stops
+  with its best validation epoch and says why; the other trains on to max_epochs."""
+  config = tiny_config(tiny_mmrec, model="bpr")
+  config.max_epochs, config.patience = 4, 100
+  settings = grid.grid_settings({"learning_rate": (1e-2, 1e30)}, seeds=(0,))
+  fine, diverged = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  assert (fine["epochs"], fine["stop"]) == (4, "max_epochs")
+  stopped = int(diverged["stop"].split()[-1])
+  assert diverged["stop"] == f"non-finite loss at epoch {stopped}"
+  assert diverged["epochs"] == stopped < 4 and diverged["best_epoch"] < stopped
+  assert all(np.isfinite(h["loss"]) for h in fine["history"])
+
+
 def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, monkeypatch):
   config = tiny_config(tiny_mmrec, model="bpr", alignment="bm3")
   config.max_epochs = 4
