@@ -162,8 +162,10 @@ def _select(mask, new, old):
 
 
 def make_grid_programs(run: train.Experiment, config, keys: Sequence[str], n: int):
-  """(epoch, evaluate, keep_best), jitted on the run's mesh: the vmapped train epoch with
-  masked updates, the vmapped evaluation, and the per-setting copy of improved parameters.
+  """(epoch, evaluate, final_evaluate, keep_best), jitted on the run's mesh: the vmapped
+  train epoch with masked updates, the vmapped evaluation of the validation passes and
+  the one of the selected parameters on every user (used when selection ranks a sample of
+  validation users), and the per-setting copy of improved parameters.
   Each setting's slice of the stacked state is placed as a single run's state is
   (`sharding.stacked`), so a grid splits its batches over 'data' and its tables over
   'model' exactly as a single run does."""
@@ -181,7 +183,6 @@ def make_grid_programs(run: train.Experiment, config, keys: Sequence[str], n: in
     new_states, losses = jax.vmap(one)(states, train_rngs, values)
     return _select(active, new_states, states), losses
 
-  @chex.assert_max_traces(n=1)
   def grid_evaluate(params, model_states, static, eval_data, values):
     def one(p, model_state, setting_values):
       cfg = traced_config(config, keys, setting_values)
@@ -199,7 +200,8 @@ def make_grid_programs(run: train.Experiment, config, keys: Sequence[str], n: in
                                 layout.static.shardings, replicated, replicated),
                   out_shardings=(states.shardings, replicated))
   best = (states.shardings.params, states.shardings.model_state)
-  return (train.under_mesh(epoch, layout.mesh),
+  evaluate = jax.jit(chex.assert_max_traces(n=1)(grid_evaluate), out_shardings=replicated)
+  return (train.under_mesh(epoch, layout.mesh), train.under_mesh(evaluate, layout.mesh),
           train.under_mesh(jax.jit(grid_evaluate, out_shardings=replicated), layout.mesh),
           train.under_mesh(jax.jit(keep_best, donate_argnums=0, out_shardings=best),
                            layout.mesh))
@@ -300,8 +302,8 @@ class GridChunk:
     replicated = functools.partial(jax.device_put, device=layout.replicated())
     self.train_rngs = replicated(jnp.stack([rng for _, rng in initial]))
     self.values = replicated(jnp.asarray(values))
-    self.epoch_fn, self.evaluate, self.keep_best_fn = make_grid_programs(run, run.config,
-                                                                         keys, n)
+    (self.epoch_fn, self.evaluate, self.final_evaluate,
+     self.keep_best_fn) = make_grid_programs(run, run.config, keys, n)
     self.chunk_dir = workdir_lib.chunk_dir(workdir, self.id)
     os.makedirs(self.chunk_dir, exist_ok=True)
     with open(os.path.join(self.chunk_dir, "settings.txt"), "w") as f:
@@ -361,8 +363,8 @@ class GridChunk:
   def finish(self, indices, loops):
     """Writes each stopped setting's best checkpoint and metrics.json, as a single run's."""
     if self.eval_sets.final is not None:  # the selected epochs, measured on every user
-      metrics = jax.device_get(self.evaluate(*self.best, self.run.static,
-                                             self.eval_sets.final, self.values))
+      metrics = jax.device_get(self.final_evaluate(*self.best, self.run.static,
+                                                   self.eval_sets.final, self.values))
       for i in indices:
         if loops[i]["best_epoch"] > 0:
           loops[i]["best_valid"] = {name: float(v[i, 0]) for name, v in sorted(metrics.items())}

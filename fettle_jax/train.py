@@ -1,17 +1,21 @@
-"""The training loop: model-agnostic, one compiled program per epoch, resumable.
+"""Training: model-agnostic, one compiled program per epoch, resumable; the one loop.
 
 `train_and_evaluate(config, workdir)` loads the data, builds the backbone and the alignment
-plug-in named by the config, trains with early stopping on validation Recall@20, and writes
-`<workdir>/metrics.json` with the test metrics of the best *validation* epoch.
+plug-in named by the config, trains with early stopping on the validation
+config.selection_metric, and writes `<workdir>/metrics.json` (fettle_jax/workdir.py) with
+the test metrics of the best *validation* epoch.
+
+`train_loop` is the one training loop: a single run (`SingleRun`) and a grid's chunk of
+settings (fettle_jax/grid.py) are both a `Cohort` it drives, with the same validation
+cadence (config.eval_every), early stopping, NaN policy, history and progress lines.
 
 Devices: `create_train_state` places the state and static inputs on the `config.mesh`
 device mesh (fettle_jax/sharding.py); the compiled epoch and evaluation keep those
 shardings, split each batch over 'data', and (model > 1) rank items where their rows live.
-In a multi-process run every process trains; process 0 prints and writes the files.
+In a multi-process run every process trains; process 0 reports and writes the files.
 """
 
 import functools
-import json
 import os
 import statistics
 import time
@@ -400,8 +404,8 @@ def initial_loop_state() -> dict:
 
 
 def upgrade_loop_state(saved: dict) -> List[dict]:
-  """The loop states of a 'latest' checkpoint; a single-run checkpoint written before the
-  unified loop held one bare loop state, with patience counted in 'bad_epochs'."""
+  """The loop states of a 'latest' checkpoint ({"epoch", "loops"}); the earlier single-run
+  format, one bare loop state counting patience in 'bad_epochs', still resumes."""
   loops = saved["loops"] if "loops" in saved else [saved]
   for loop in loops:
     if "bad_epochs" in loop:
@@ -440,14 +444,14 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
 
   NaN policy: a setting whose mean loss over an epoch is not finite (NaN or inf) stops at
   that epoch ("non-finite loss at epoch N", logged as a warning and kept as metrics.json's
-  `stop`): the epoch's state is discarded -- never validated, never checkpointed -- and its
-  result is its best validation epoch before it, as for any early stop. Other settings of
-  a grid train on; a single run ends normally, with its metrics.json.
+  `stop`): the diverged state is never validated and never resumed from (a single run
+  does not checkpoint it; a grid freezes that setting's slice), and the setting's result
+  is its best validation epoch before it, as for any early stop. Other settings of a grid
+  train on; a single run ends normally, with its metrics.json.
   """
   n = len(loops)
-  selection = config.selection_metric
   first_epoch, start_time = epoch + 1, time.perf_counter()
-  epoch_walls = []
+  epoch_seconds = []  # wall time of each epoch of this process, validation included
   bar = progress.EpochBar(config.max_epochs, epoch)
 
   def finish_stopped(candidates):
@@ -464,51 +468,63 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
           "with the compilation cache loads it instead)")
     while not all(done):
       epoch += 1
+      epoch_start = time.perf_counter()
       active = np.array([not d for d in done])
-      start = time.perf_counter()
       losses = np.asarray(cohort.advance(epoch, active), np.float64).reshape(n, 2)
-      train_seconds = time.perf_counter() - start
+      train_seconds = time.perf_counter() - epoch_start
       finite = np.all(np.isfinite(losses), axis=1)
       valid = test = eval_seconds = None
       if validates(epoch, config) and np.any(active & finite):
         start = time.perf_counter()
         valid, test = cohort.validate()
         eval_seconds = time.perf_counter() - start
-      improved = np.zeros(n, bool)
-      for i in np.flatnonzero(active):
-        setting_valid = None if valid is None else {k: float(v[i]) for k, v in valid.items()}
-        setting_test = None if test is None else {k: float(v[i]) for k, v in test.items()}
-        if not finite[i]:
-          setting_valid = setting_test = None
-          loops[i]["stop"] = f"non-finite loss at epoch {epoch}"
-          progress.warn(f"{names_prefix(cohort, i)}loss is {losses[i].tolist()} at epoch "
-                        f"{epoch}: stopped; its result is its best validation epoch "
-                        f"{loops[i]['best_epoch']} (lower the learning rate or the "
-                        "alignment weights)")
-        improved[i], record = record_epoch(loops[i], epoch, losses[i], setting_valid,
-                                           setting_test, selection, train_seconds,
-                                           eval_seconds, first_epoch)
-        if cohort.histories[i] is not None:
-          cohort.histories[i].append(record)
-        cohort.scalars[i].epoch(epoch, losses[i], setting_valid)
+      improved = record_settings(cohort, loops, epoch, active, losses, valid, test,
+                                 (train_seconds, eval_seconds), first_epoch, config)
       if improved.any():
         cohort.keep_best(epoch, improved)
-      epoch_walls.append(time.perf_counter() - start_time - sum(epoch_walls))
-      rate = np.mean(epoch_walls[1:][-20:]) if len(epoch_walls) > 1 else epoch_walls[0]
-      line = progress.epoch_line(
+      epoch_seconds.append(time.perf_counter() - epoch_start)
+      # Epochs after this process's first (which compiles), the recent ones.
+      rate = np.mean(epoch_seconds[1:][-20:] or epoch_seconds)
+      patience = patience_left(loops, active, config)
+      bar.line(progress.epoch_line(
           epoch, config.max_epochs, epoch_body(cohort, loops, active, losses, valid, improved,
-                                               selection, epoch, config),
-          patience_left(loops, active, config), train_seconds, eval_seconds,
-          time.perf_counter() - start_time, max(0, config.max_epochs - epoch) * rate)
-      bar.line(line, epoch, patience_left(loops, active, config) + " patience")
+                                               epoch, config),
+          patience, train_seconds, eval_seconds, time.perf_counter() - start_time,
+          max(0, config.max_epochs - epoch) * rate), epoch, f"patience {patience}")
       stopping = [i for i in np.flatnonzero(active) if stop_reason(loops[i], config)]
-      all_stop = len(stopping) == int(active.sum())
-      if (epoch % config.checkpoint_every_epochs == 0 or all_stop) and np.any(active & finite):
+      every_one_stops = len(stopping) == int(active.sum())
+      if ((epoch % config.checkpoint_every_epochs == 0 or every_one_stops)
+          and np.any(active & finite)):
         cohort.save_latest(epoch, loops)
       finish_stopped(stopping)
   finally:
     bar.close()
   return epoch
+
+
+def record_settings(cohort: Cohort, loops: List[dict], epoch: int, active: np.ndarray,
+                    losses: np.ndarray, valid, test, seconds, first_epoch: int,
+                    config) -> np.ndarray:
+  """The epoch's bookkeeping for each active setting (early stopping, history.jsonl,
+  TensorBoard, the NaN policy's stop); returns which settings improved."""
+  improved = np.zeros(len(loops), bool)
+  for i in np.flatnonzero(active):
+    setting_valid = None if valid is None else {k: float(v[i]) for k, v in valid.items()}
+    setting_test = None if test is None else {k: float(v[i]) for k, v in test.items()}
+    if not np.all(np.isfinite(losses[i])):
+      setting_valid = setting_test = None
+      loops[i]["stop"] = f"non-finite loss at epoch {epoch}"
+      progress.warn(f"{names_prefix(cohort, i)}loss is {losses[i].tolist()} at epoch "
+                    f"{epoch}: stopped; its result is its best validation epoch "
+                    f"{loops[i]['best_epoch']} (lower the learning rate or the alignment "
+                    "weights)")
+    improved[i], record = record_epoch(loops[i], epoch, losses[i], setting_valid,
+                                       setting_test, config.selection_metric, *seconds,
+                                       first_epoch)
+    if cohort.histories[i] is not None:
+      cohort.histories[i].append(record)
+    cohort.scalars[i].epoch(epoch, losses[i], setting_valid)
+  return improved
 
 
 def names_prefix(cohort: Cohort, i: int) -> str:
@@ -524,10 +540,10 @@ def patience_left(loops: List[dict], active: np.ndarray, config) -> str:
   return (f"{low}" if low == high else f"{low}-{high}") + f"/{config.patience}"
 
 
-def epoch_body(cohort, loops, active, losses, valid, improved, selection, epoch,
-               config) -> str:
+def epoch_body(cohort, loops, active, losses, valid, improved, epoch, config) -> str:
   """The middle of an epoch line: a single run's losses and validation value, or a grid's
   settings still training and its best validation value so far."""
+  selection = config.selection_metric
   if len(loops) == 1:
     total = losses[0].sum()
     text = (f"loss {total:.5f} (backbone {losses[0, 0]:.5f}, alignment {losses[0, 1]:.5f})")

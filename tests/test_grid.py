@@ -104,6 +104,22 @@ def test_a_diverging_setting_stops_alone_under_the_one_nan_policy(tiny_mmrec, tm
   assert all(np.isfinite(h["loss"]) for h in fine["history"])
 
 
+def test_grid_selecting_on_a_sample_of_validation_users_equals_sequential_runs(tiny_mmrec,
+                                                                              tmp_path):
+  """config.valid_users_sample in a grid: every setting selects on the same sample, then
+  its selected parameters are measured on every user, as a single run's are."""
+  config = tiny_config(tiny_mmrec, model="bpr")
+  config.max_epochs, config.valid_users_sample, config.eval_every = 3, 12, 2
+  settings = grid.grid_settings({"learning_rate": (1e-2, 3e-2)}, seeds=(0,))
+  results = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  for setting, got in zip(settings, results):
+    want = train.train_and_evaluate(grid.concrete_config(config, setting),
+                                    str(tmp_path / "sequential" / grid.setting_name(setting)))
+    assert got["selection_metric"] == want["selection_metric"]
+    assert [h["epoch"] for h in got["history"] if "valid_recall@20" in h] == [2, 3]
+    assert_same_run(got, want, atol=1e-5)
+
+
 def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, monkeypatch):
   config = tiny_config(tiny_mmrec, model="bpr", alignment="bm3")
   config.max_epochs = 4
