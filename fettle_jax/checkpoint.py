@@ -109,10 +109,8 @@ class Checkpoints:
         restored = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any corruption: try older
-        logging.warning("checkpoint of epoch %d is unreadable (%s); trying an older one",
-                        step, _first_line(e))
-        print(f"warning: checkpoint of epoch {step} is unreadable ({_first_line(e)}); "
-              "falling back to the one before", flush=True)
+        logging.warning("checkpoint of epoch %d is unreadable (%s); falling back to the one "
+                        "before", step, _first_line(e))
         failures.append(step)
         continue
       if restored.loop.get("epoch") != step:

@@ -358,10 +358,7 @@ def split_metrics(metrics: Dict[str, np.ndarray], index: int) -> Dict[str, float
   return {name: float(values[index]) for name, values in sorted(metrics.items())}
 
 
-# Run-folder helpers, kept under their old names for callers of this module.
-WorkdirLock = workdir_lib.WorkdirLock
-History = workdir_lib.History
-write_result = workdir_lib.write_result
+# Progress lines (fettle_jax/progress.py), under the names scripts call them by.
 is_primary = progress.is_primary
 log = progress.log
 
@@ -566,7 +563,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir's lock throughout, so a second process on it stops instead of interleaving."""
   os.makedirs(workdir, exist_ok=True)
   # In a multi-process run every process shares the workdir; the first one holds the lock.
-  lock = WorkdirLock(workdir) if is_primary() else None
+  lock = workdir_lib.WorkdirLock(workdir) if is_primary() else None
   try:
     return _train_and_evaluate(config, workdir)
   finally:
@@ -635,7 +632,7 @@ class SingleRun:
     self.result = run_result(loop, self.run.config, self.facts, self.run.layout,
                              self.eval_sets.sampled_users)
     if is_primary():
-      write_result(self.workdir, self.result)
+      workdir_lib.write_result(self.workdir, self.result)
 
   def final_metrics(self):
     """Valid and test on every user, of the best checkpoint's parameters."""
@@ -680,7 +677,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
       loops, epoch = restored
       log(f"resumed from {workdir} at epoch {epoch}")
     if is_primary():
-      cohort.histories = [History(workdir, epoch)]
+      cohort.histories = [workdir_lib.History(workdir, epoch)]
     train_loop(cohort, config, loops, epoch, [False])
   finally:
     cohort.close()

@@ -10,6 +10,7 @@ import pytest
 
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import WorkdirInUseError
 from tests.conftest import ROOT, tiny_config
 
@@ -34,7 +35,7 @@ def restore_latest(config, workdir):
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec, tmp_path,
-                                                                     capsys):
+                                                                     caplog):
   full = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), str(tmp_path / "full"))
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(fettle_config(tiny_mmrec, 3), workdir)
@@ -43,10 +44,10 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec,
     if os.path.isfile(file):
       with open(file, "wb") as f:  # a torn write: garbage where the arrays were
         f.write(b"\x00garbage")
-  capsys.readouterr()
+  caplog.clear()
   _, loop = restore_latest(fettle_config(tiny_mmrec, 5), workdir)
   assert loop["epoch"] == 2
-  assert "checkpoint of epoch 3 is unreadable" in capsys.readouterr().out
+  assert any("checkpoint of epoch 3 is unreadable" in r.getMessage() for r in caplog.records)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2"]
   resumed = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), workdir)
   assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
@@ -62,6 +63,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # history lines fit, arrays do not
 from tests.test_faults import fettle_config
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import REPORTED_ERRORS
 try:
   train.train_and_evaluate(fettle_config({tiny_mmrec!r}, 4), {workdir!r})
@@ -81,7 +83,7 @@ except REPORTED_ERRORS as e:
 def test_a_second_process_on_the_same_workdir_is_refused(tiny_mmrec, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  holder = train.WorkdirLock(workdir)  # another live run
+  holder = workdir_lib.WorkdirLock(workdir)  # another live run
   with pytest.raises(WorkdirInUseError, match=f"in use by another run .pid {os.getpid()}"):
     train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)
   holder.release()
