@@ -554,8 +554,9 @@ def epoch_body(cohort, loops, active, losses, valid, improved, epoch, config) ->
     return text
   values = [loop["best_value"] for loop in loops]
   top = int(np.argmax(values))
-  return (f"{int(active.sum())}/{len(loops)} settings training | best valid {selection} "
-          f"{values[top]:.4f} ({cohort.names[top]})")
+  best = (f"best valid {selection} {values[top]:.4f} ({cohort.names[top]})"
+          if loops[top]["best_epoch"] else "no validation pass yet")
+  return f"{int(active.sum())}/{len(loops)} settings training | {best}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
