@@ -108,10 +108,10 @@ class EpochBar:
       return
     self._bar.clear()
     log(message)
-    if epochs_done is not None:
-      self._bar.update(epochs_done - self._bar.n)
     if status:
       self._bar.set_postfix_str(status, refresh=False)
+    if epochs_done is not None:
+      self._bar.n = epochs_done
     self._bar.refresh()
 
   def close(self) -> None:

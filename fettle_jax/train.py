@@ -449,7 +449,7 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
   n = len(loops)
   first_epoch, start_time = epoch + 1, time.perf_counter()
   epoch_seconds = []  # wall time of each epoch of this process, validation included
-  bar = progress.EpochBar(config.max_epochs, epoch)
+  bar = None
 
   def finish_stopped(candidates):
     stopping = [i for i in candidates if not done[i] and stop_reason(loops[i], config)]
@@ -463,6 +463,7 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
     if not all(done):
       log(f"compiling the train step ... (epoch {first_epoch}'s time includes it; a rerun "
           "with the compilation cache loads it instead)")
+    bar = progress.EpochBar(config.max_epochs, epoch)  # after the lines it would garble
     while not all(done):
       epoch += 1
       epoch_start = time.perf_counter()
@@ -495,7 +496,8 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
         cohort.save_latest(epoch, loops)
       finish_stopped(stopping)
   finally:
-    bar.close()
+    if bar is not None:
+      bar.close()
   return epoch
 
 
