@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import chex
 import jax
@@ -252,3 +253,16 @@ def test_model_selection_on_a_sample_of_validation_users_tests_on_all(tiny_mmrec
   np.testing.assert_allclose(result["test"]["recall@20"], numpy_recall_at_k(
       users_emb, items_emb, data.train, data.test, everyone, 20), atol=1e-6)
   assert "test" not in best  # passes never rank the test split on a sample
+
+
+def test_tensorboard_without_tensorboardx_is_one_line(tmp_path, monkeypatch, caplog):
+  from fettle_jax import progress  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
+  caplog.set_level(logging.INFO)
+  scalars = progress.Scalars(str(tmp_path / "tb"), enabled=True)
+  scalars.epoch(1, [0.5, 0.25], {"recall@20": 0.1})  # a no-op, not an error
+  scalars.close()
+  assert absl_lines(caplog) == [
+      "note: config.tensorboard is set but tensorboardX is not installed (pip install "
+      "'fettle-jax[tensorboard]'); training goes on without TensorBoard scalars"]
+  assert not os.path.exists(tmp_path / "tb")
