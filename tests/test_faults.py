@@ -53,20 +53,27 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec,
   assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
 
 
+def disk_config(path, max_epochs):
+  """Tables of 10 KB each: a checkpoint's arrays exceed the test's 4000-byte file limit
+  however well they compress, while history lines stay far below it."""
+  config = fettle_config(path, max_epochs)
+  config.embedding_size = 64
+  return config
+
+
 def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_mmrec, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  train.train_and_evaluate(disk_config(tiny_mmrec, 2), workdir)
   code = f"""
 import resource, signal, sys
 sys.path.insert(0, {ROOT!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # history lines fit, arrays do not
-from tests.test_faults import fettle_config
+from tests.test_faults import disk_config
 from fettle_jax import train
-from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import REPORTED_ERRORS
 try:
-  train.train_and_evaluate(fettle_config({tiny_mmrec!r}, 4), {workdir!r})
+  train.train_and_evaluate(disk_config({tiny_mmrec!r}, 4), {workdir!r})
 except REPORTED_ERRORS as e:
   print("error:", e)
 """
@@ -75,9 +82,9 @@ except REPORTED_ERRORS as e:
   lines = out.stdout.strip().splitlines()
   assert lines and lines[-1].startswith("error: epoch 3: could not write the checkpoint"), (
       out.stdout + out.stderr)
-  _, loop = restore_latest(fettle_config(tiny_mmrec, 4), workdir)
+  _, loop = restore_latest(disk_config(tiny_mmrec, 4), workdir)
   assert loop["epoch"] == 2  # the previous checkpoint is intact
-  assert train.train_and_evaluate(fettle_config(tiny_mmrec, 4), workdir)["epochs"] == 4
+  assert train.train_and_evaluate(disk_config(tiny_mmrec, 4), workdir)["epochs"] == 4
 
 
 def test_a_second_process_on_the_same_workdir_is_refused(tiny_mmrec, tmp_path):
