@@ -27,7 +27,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 # Make `configs` importable when run from elsewhere (configs import each other).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +36,7 @@ from fettle_jax.errors import REPORTED_ERRORS  # pylint: disable=g-import-not-at
 from fettle_jax import config_check  # pylint: disable=g-import-not-at-top
 from fettle_jax import grid  # pylint: disable=g-import-not-at-top
 from fettle_jax import programs  # pylint: disable=g-import-not-at-top
+from fettle_jax import progress  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
 from fettle_jax import train  # pylint: disable=g-import-not-at-top
 from data_pipeline import wheels  # pylint: disable=g-import-not-at-top
@@ -188,7 +188,7 @@ def main(argv):
   multi_process = _COORDINATOR.value is not None or sharding.detected_cluster()
   if multi_process and not os.environ.get(SUPERVISED_ENV):
     sys.exit(supervise())
-  logging.set_verbosity(logging.WARNING)  # our progress lines, not Orbax's internals
+  progress.show_progress_lines()  # our timestamped progress lines, not Orbax's internals
   config = _RUN["config"]
   workdir = _WORKDIR.value or os.path.join("runs", _RUN["config_name"])
   existed = os.path.exists(workdir)

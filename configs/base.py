@@ -44,12 +44,14 @@ def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
   config.learning_rate = 1e-3         # float: Adam learning rate (paper Sec 4.1)
   config.batch_size = 2048            # int: BPR triples per step (paper Sec 4.1)
   config.max_epochs = 1000            # int: upper bound on training epochs
-  config.patience = 20                # int: stop after this many epochs without a better valid metric
+  config.patience = 20                # int: stop after this many validation passes without a better valid metric
+  config.eval_every = 1               # int: epochs between validation passes (and after the last epoch)
+  config.valid_users_sample = 0       # int: select the model on this many validation users drawn with `seed` (0 = all); test is always on all users
   config.selection_metric = "recall@20"  # str: validation metric for early stopping / model selection
   config.topk = (5, 10, 20, 50)       # tuple[int]: cut-offs K of every reported metric
   config.eval_batch_size = 4096       # int: users ranked per compiled evaluation batch
   config.checkpoint_every_epochs = 5  # int: how often the resumable 'latest' checkpoint is written
-  config.grid_axis = ""               # str: set by fettle_jax/grid.py only: the named vmap axis of a grid's settings
+  config.tensorboard = False          # bool: write TensorBoard scalars to <workdir>/tensorboard (needs the `tensorboard` extra)
 
   # Device mesh ('data' x 'model' devices; -1 = all remaining). Default: every device on
   # 'data' (pure data parallelism); 'model' > 1 splits tables, codebooks and items ranked.

@@ -1,8 +1,9 @@
 """Every Orbax call of the project lives here (its v1 API is coming; one place to change).
 
-Two managers under the workdir: `checkpoints/latest` (training state + loop state, for
-resuming; the two newest are kept, so an unreadable newest one falls back to the one
-before) and `checkpoints/best` (parameters of the best validation epoch).
+Two managers in the run folder's checkpoint folder (its path: fettle_jax/workdir.py):
+`latest` (training state + loop state, for resuming; the two newest are kept, so an
+unreadable newest one falls back to the one before) and `best` (parameters of the best
+validation epoch).
 
 Orbax writes a step into a temporary folder and renames it when complete, so a process
 killed mid-save leaves no half step behind (the temporary folder is removed at the next
@@ -22,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from fettle_jax import sharding
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import CheckpointWriteError, NoReadableCheckpointError
 
 
@@ -66,7 +68,7 @@ class Checkpoints:
   restored arrays go and which are stored padded."""
 
   def __init__(self, workdir: str, placement: Optional[sharding.Placement] = None):
-    root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    root = workdir_lib.checkpoints_dir(workdir)
     self.root = root
     self._state = self._params = self._model_state = None
     if placement is not None:  # built once: the pad/unpad programs compile once per run
@@ -107,10 +109,8 @@ class Checkpoints:
         restored = self._latest.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  # any corruption: try older
-        logging.warning("checkpoint of epoch %d is unreadable (%s); trying an older one",
-                        step, _first_line(e))
-        print(f"warning: checkpoint of epoch {step} is unreadable ({_first_line(e)}); "
-              "falling back to the one before", flush=True)
+        logging.warning("checkpoint of epoch %d is unreadable (%s); falling back to the one "
+                        "before", step, _first_line(e))
         failures.append(step)
         continue
       if restored.loop.get("epoch") != step:

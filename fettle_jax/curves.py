@@ -1,14 +1,13 @@
-"""Learning curves of a run: `learning_curves.csv` and `learning_curves.png` next to
-metrics.json (train.py calls `save` when a run ends).
+"""Learning curves of a run as a CSV table and a PNG plot (fettle_jax/workdir.py decides
+where they go and calls these when a run ends).
 
 Per epoch: the backbone, alignment and total training loss (means over the epoch's
 batches) and the validation selection metric (e.g. valid recall@20); the plot marks the
 best (selected) epoch. Plotting uses matplotlib's Agg canvas directly (no global backend
-switch, no display). `save` never raises: a finished run must not fail over a plot.
+switch, no display).
 """
 
 import csv
-import os
 from typing import Optional, Sequence
 
 LOSSES = (("backbone_loss", "backbone loss"), ("alignment_loss", "alignment loss"),
@@ -63,7 +62,8 @@ def plot(path: str, history: Sequence[dict], best_epoch: Optional[int] = None,
     valid.axvline(best_epoch, color="C3", linestyle=":",
                   label=f"best epoch {best_epoch} (selected)")
   valid.set(title=f"validation {name} (model selection)", xlabel="epoch", ylabel=name)
-  valid.legend()
+  if valid.get_legend_handles_labels()[0]:  # nothing to label before a validation pass
+    valid.legend()
   valid.grid(alpha=0.3)
   for axes in (losses, valid):
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
@@ -72,19 +72,3 @@ def plot(path: str, history: Sequence[dict], best_epoch: Optional[int] = None,
   figure.tight_layout()
   figure.savefig(path)
 
-
-def save(workdir: str, result: dict) -> None:
-  """Writes <workdir>/learning_curves.{csv,png} from train_and_evaluate's result; any
-  failure (matplotlib missing, a full disk, ...) is one printed note, never an exception."""
-  history = result.get("history") or []
-  try:
-    write_csv(os.path.join(workdir, "learning_curves.csv"), history)
-    config = result.get("config") or {}
-    title = (f"{config.get('model', '?')}, alignment {config.get('alignment', '?')}, on "
-             f"{(result.get('data') or {}).get('name', '?')}: best epoch "
-             f"{result.get('best_epoch')} of {result.get('epochs')}")
-    plot(os.path.join(workdir, "learning_curves.png"), history, result.get("best_epoch"),
-         title)
-  except Exception as e:  # pylint: disable=broad-except  # the run itself has finished
-    print(f"note: learning curves not written ({type(e).__name__}: "
-          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})", flush=True)

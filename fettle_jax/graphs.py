@@ -14,7 +14,6 @@ from typing import NamedTuple
 import jax
 from jax.experimental import sparse
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from fettle_jax import sharding
@@ -180,9 +179,7 @@ def propagate_row_blocks(graph: Graph, x: Array, chunk: int = None) -> Array:
     n_chunks = (end - start + chunk - 1) // chunk
     return jax.lax.fori_loop(0, n_chunks, add_chunk, jnp.zeros((block, d), x_block.dtype))
 
-  out = jax.shard_map(local, in_specs=(P(sharding.MODEL, None), P(), P(), P()),
-                      out_specs=P(sharding.MODEL, None), check_vma=False)(
-                          padded, senders, receivers, weights)
+  out = sharding.map_model_row_blocks(local, padded, senders, receivers, weights)
   return out[:n]
 
 

@@ -7,20 +7,26 @@ side: the settings' train states are stacked on a leading axis, one jitted `jax.
 values enter the program as traced scalars (a copy of the config whose swept leaves are
 tracers), so one compilation serves the whole grid.
 
-Each setting stops early on its own validation metric: once its patience (or max_epochs)
-runs out its slice of the state is frozen (the epoch's update is masked away) and
+Training goes through `train.train_loop`, the one loop every run uses (a single run is a
+cohort of one setting): validation every config.eval_every epochs, each setting's own
+early stopping on its own validation metric, the loop's NaN policy (a setting whose loss
+is not finite stops there with its best validation epoch; the others train on). A stopped
+setting's slice of the state is frozen (the epoch's update is masked away) and
 `<workdir>/<setting name>/` gets what `train.train_and_evaluate` writes for a run --
 metrics.json, learning curves, history.jsonl, the best checkpoint -- so the table tools
 and `recommend` / `export` read a grid's settings like single runs. A setting equals the
 sequential run of its config (same seed: same init, batches, negatives) up to the float
-summation order of batched products.
+summation order of batched products. With config.valid_users_sample, every setting
+selects on the same sample (drawn with the grid's config.seed).
+
+The grid runs on the run's mesh (config.mesh): each setting's slice of the stacked state
+is split as a single run's state is, batches over 'data', tables over 'model'.
 
 Memory grows with the number of settings: `chunk` bounds the settings per program (the
 chunks run one after another), and a chunk that exhausts device memory before its first
 epoch is split in two and retried. A finished setting (metrics.json present) is reused;
 an interrupted chunk resumes from `<workdir>/chunks/<id>/checkpoints/latest` (removed once
 every setting of the chunk has finished).
-Single-device only for now: a mesh of several devices is a ConfigError.
 """
 
 import functools
@@ -29,7 +35,6 @@ import itertools
 import json
 import os
 import shutil
-import time
 from typing import Dict, List, Optional, Sequence
 
 import chex
@@ -39,13 +44,13 @@ import ml_collections
 import numpy as np
 
 from fettle_jax import checkpoint as checkpoint_lib
+from fettle_jax import progress
+from fettle_jax import sharding
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import ConfigError
 
 Setting = Dict[str, float]
-# The named jax.vmap axis of the settings (config.grid_axis): code whose compiled branch
-# depends on the data (FETTLE's prefix bucket) chooses it jointly over this axis.
-GRID_AXIS = "settings"
 
 
 def grid_settings(sweeps: Dict[str, Sequence[float]], seeds: Sequence[int]) -> List[Setting]:
@@ -156,37 +161,50 @@ def _select(mask, new, old):
       lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-def make_grid_programs(run: train.Experiment, config, keys: Sequence[str]):
-  """(epoch, evaluate, keep_best), jitted: the vmapped train epoch with masked updates,
-  the vmapped evaluation, and the per-setting copy of improved parameters."""
-  backbone, alignment, info = run.backbone, run.alignment, run.info
+def make_grid_programs(run: train.Experiment, config, keys: Sequence[str], n: int):
+  """(epoch, evaluate, final_evaluate, keep_best), jitted on the run's mesh: the vmapped
+  train epoch with masked updates, the vmapped evaluation of the validation passes and
+  the one of the selected parameters on every user (used when selection ranks a sample of
+  validation users), and the per-setting copy of improved parameters.
+  Each setting's slice of the stacked state is placed as a single run's state is
+  (`sharding.stacked`), so a grid splits its batches over 'data' and its tables over
+  'model' exactly as a single run does."""
+  backbone, alignment, info, layout = run.backbone, run.alignment, run.info, run.layout
+  states = sharding.stacked(layout.state, n)
 
   @chex.assert_max_traces(n=1)
   def grid_epoch(states, train_rngs, epoch, static, values, active):
     def one(state, train_rng, setting_values):
       cfg = traced_config(config, keys, setting_values)
-      epoch_fn = train.train_epoch_fn(backbone, alignment, cfg, train.make_optimizer(cfg), info)
-      # fold_in(epoch) as in train_and_evaluate: the setting draws a sequential run's batches.
+      epoch_fn = train.train_epoch_fn(backbone, alignment, cfg, train.make_optimizer(cfg), info,
+                                      layout)
+      # fold_in(epoch) as a single run: the setting draws a sequential run's batches.
       return epoch_fn(state, jax.random.fold_in(train_rng, epoch), static)
-    new_states, losses = jax.vmap(one, axis_name=GRID_AXIS)(states, train_rngs, values)
+    new_states, losses = jax.vmap(one)(states, train_rngs, values)
     return _select(active, new_states, states), losses
 
-  @chex.assert_max_traces(n=1)
   def grid_evaluate(params, model_states, static, eval_data, values):
     def one(p, model_state, setting_values):
       cfg = traced_config(config, keys, setting_values)
-      return train.evaluate_fn(backbone, cfg)(p, model_state, static, eval_data)
-    return jax.vmap(one, axis_name=GRID_AXIS)(params, model_states, values)
+      return train.evaluate_fn(backbone, cfg, layout)(p, model_state, static, eval_data)
+    return jax.vmap(one)(params, model_states, values)
 
   def keep_best(best, params, model_states, improved):
     return _select(improved, (params, model_states), best)
 
-  # Everything on the run's one device, inputs and outputs alike: each program keeps one
-  # input signature epoch after epoch (compiles once).
-  on_device = run.layout.replicated()
-  jit = functools.partial(jax.jit, in_shardings=on_device, out_shardings=on_device)
-  return (jit(grid_epoch, donate_argnums=0), jit(grid_evaluate),
-          jit(keep_best, donate_argnums=0))
+  replicated = layout.replicated()
+  # Inputs and outputs keep the stacked placement: each program keeps one input signature
+  # epoch after epoch (compiles once).
+  epoch = jax.jit(grid_epoch, donate_argnums=0,
+                  in_shardings=(states.shardings, replicated, replicated,
+                                layout.static.shardings, replicated, replicated),
+                  out_shardings=(states.shardings, replicated))
+  best = (states.shardings.params, states.shardings.model_state)
+  evaluate = jax.jit(chex.assert_max_traces(n=1)(grid_evaluate), out_shardings=replicated)
+  return (train.under_mesh(epoch, layout.mesh), train.under_mesh(evaluate, layout.mesh),
+          train.under_mesh(jax.jit(grid_evaluate, out_shardings=replicated), layout.mesh),
+          train.under_mesh(jax.jit(keep_best, donate_argnums=0, out_shardings=best),
+                           layout.mesh))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -198,11 +216,12 @@ def train_grid(config: ml_collections.ConfigDict, settings: Sequence[Setting], w
   """Trains every setting (see the module docstring); returns their metrics.json contents
   in the order of `settings`. Holds `<workdir>/.lock` throughout."""
   os.makedirs(workdir, exist_ok=True)
-  lock = train.WorkdirLock(workdir)
+  lock = workdir_lib.WorkdirLock(workdir) if progress.is_primary() else None
   try:
     return _train_grid(config, list(settings), workdir, chunk)
   finally:
-    lock.release()
+    if lock is not None:
+      lock.release()
 
 
 def _train_grid(config, settings, workdir, chunk):
@@ -211,13 +230,15 @@ def _train_grid(config, settings, workdir, chunk):
   keys = check_settings(config, settings)
   data = train.load_data(config)
   train.check_config_for_data(config, data.n_items)
-  train.log(data.summary())
+  progress.log(data.summary())
   run = train.create_train_state(concrete_config(config, settings[0]), data)
-  if run.layout.mesh.devices.size != 1:
-    raise ConfigError(f"a grid runs on one device; config.mesh gives "
-                      f"{run.layout.mesh.devices.size} (pass --config.mesh.data=1 "
-                      "--config.mesh.model=1)")
-  eval_data = train.build_eval_data(data, run.config, run.layout)
+  # One validation sample for every setting (the grid's config.seed), so they compare.
+  run = run._replace(config=run.config.copy_and_resolve_references())
+  run.config.seed = config.seed
+  layout = run.layout
+  progress.log(f"mesh: data {layout.data_size} x model {layout.model_size} over "
+               f"{layout.mesh.devices.size} {jax.devices()[0].platform} device(s)")
+  eval_sets = train.build_eval_sets(data, run.config, layout)
   facts = train.data_facts(data)
   del data
   size = chunk or len(settings)
@@ -226,142 +247,164 @@ def _train_grid(config, settings, workdir, chunk):
   queue = [settings[i:i + size] for i in range(0, len(settings), size)]
   while queue:
     part = queue.pop(0)
-    if all(os.path.exists(_metrics_file(workdir, s)) for s in part):
-      train.log(f"grid: {len(part)} settings already finished (reused)")
+    if all(workdir_lib.finished(_setting_dir(workdir, s)) for s in part):
+      progress.log(f"grid: {len(part)} settings already finished (reused)")
       continue
     try:
-      _train_chunk(run, keys, part, workdir, eval_data, facts)
+      _train_chunk(run, keys, part, workdir, eval_sets, facts)
     except Exception as e:  # pylint: disable=broad-except
       if not _is_out_of_memory(e) or len(part) == 1:
         raise
       half = (len(part) + 1) // 2
-      train.log(f"grid: {len(part)} settings exceed device memory; splitting into "
-                f"{half} + {len(part) - half}")
+      progress.log(f"grid: {len(part)} settings exceed device memory; splitting into "
+                   f"{half} + {len(part) - half}")
       queue[:0] = [part[:half], part[half:]]
   results = []
   for setting in settings:
-    with open(_metrics_file(workdir, setting)) as f:
+    with open(workdir_lib.metrics_path(_setting_dir(workdir, setting))) as f:
       results.append(json.load(f))
   return results
 
 
-def _metrics_file(workdir: str, setting: Setting) -> str:
-  return os.path.join(workdir, setting_name(setting), "metrics.json")
+def _setting_dir(workdir: str, setting: Setting) -> str:
+  return workdir_lib.setting_dir(workdir, setting_name(setting))
 
 
 def _chunk_id(settings) -> str:
   return hashlib.sha1(" ".join(setting_name(s) for s in settings).encode()).hexdigest()[:12]
 
 
-def _train_chunk(run, keys, settings, workdir, eval_data, facts):
-  """Trains `settings` in one vmapped program until each one stops."""
+class GridChunk:
+  """The cohort of a chunk of settings (train.Cohort): their states stacked on a leading
+  axis, advanced by one vmapped program; best parameters are kept on the devices and
+  written to each setting's folder when it stops."""
+
+  def __init__(self, run, keys, settings, workdir, eval_sets, facts):
+    self.run, self.keys, self.workdir, self.eval_sets, self.facts = (run, keys, workdir,
+                                                                    eval_sets, facts)
+    n = len(settings)
+    self.settings = settings
+    self.configs = [concrete_config(run.config, s) for s in settings]
+    self.names = [setting_name(s) for s in settings]
+    self.id = _chunk_id(settings)
+    self.folders = [_setting_dir(workdir, s) for s in settings]
+    layout = run.layout
+    values = np.asarray([[s[k] for k in keys] for s in settings], np.float32).reshape(n,
+                                                                                   len(keys))
+    initial = [train.init_train_state(run.backbone, run.alignment, train.make_optimizer(c),
+                                      run.static, run.info, c) for c in self.configs]
+    stacked_state = sharding.stacked(layout.state, n)
+    host_states = jax.device_get(_stack([state for state, _ in initial]))
+    # On the run's mesh, as the programs' outputs will be (one input signature).
+    self.states = stacked_state.place(host_states)
+    best = stacked_state.place(host_states)
+    self.best = (best.params, best.model_state)
+    replicated = functools.partial(jax.device_put, device=layout.replicated())
+    self.train_rngs = replicated(jnp.stack([rng for _, rng in initial]))
+    self.values = replicated(jnp.asarray(values))
+    (self.epoch_fn, self.evaluate, self.final_evaluate,
+     self.keep_best_fn) = make_grid_programs(run, run.config, keys, n)
+    self.chunk_dir = workdir_lib.chunk_dir(workdir, self.id)
+    os.makedirs(self.chunk_dir, exist_ok=True)
+    with open(os.path.join(self.chunk_dir, "settings.txt"), "w") as f:
+      f.write("\n".join(self.names) + "\n")
+    self.checkpoints = checkpoint_lib.Checkpoints(self.chunk_dir)
+    self.done = [workdir_lib.finished(folder) for folder in self.folders]  # kept as they are
+    for folder in self.folders:
+      os.makedirs(folder, exist_ok=True)
+    self.histories = [None] * n
+    self.scalars = [progress.Scalars(workdir_lib.tensorboard_dir(folder),
+                                     run.config.tensorboard and not done)
+                    for folder, done in zip(self.folders, self.done)]
+
+  def restore(self):
+    """(loop states, epoch) of the chunk's latest checkpoint, or fresh ones."""
+    loops, epoch = [train.initial_loop_state() for _ in self.settings], 0
+    if self.checkpoints.latest_epoch() is not None:
+      (self.states, self.best), saved = self.checkpoints.restore_latest(
+          like_state=(self.states, self.best))
+      loops, epoch = train.upgrade_loop_state(saved), saved["epoch"]
+      progress.log(f"grid: resumed {len(loops)} settings from {self.chunk_dir} at epoch "
+                   f"{epoch}")
+    if progress.is_primary():
+      self.histories = [None if self.done[i] else workdir_lib.History(self.folders[i],
+                                                                      loops[i]["epoch"])
+                        for i in range(len(loops))]
+    return loops, epoch
+
+  def advance(self, epoch, active):
+    try:
+      self.states, losses = self.epoch_fn(self.states, self.train_rngs, epoch,
+                                          self.run.static, self.values, jnp.asarray(active))
+    except jax.errors.ConcretizationTypeError:
+      raise ConfigError(f"a swept field ({', '.join(self.keys)}) is used as a static switch "
+                        "(a Python branch or a shape) by the model or alignment; sweep it "
+                        "with separate runs") from None
+    return np.asarray(losses)
+
+  def validate(self):
+    metrics = jax.device_get(self.evaluate(self.states.params, self.states.model_state,
+                                           self.run.static, self.eval_sets.selection,
+                                           self.values))
+    valid = {name: v[:, 0] for name, v in metrics.items()}
+    test = None if self.eval_sets.final is not None else {
+        name: v[:, 1] for name, v in metrics.items()}
+    return valid, test
+
+  def keep_best(self, epoch, improved):
+    del epoch
+    self.best = self.keep_best_fn(self.best, self.states.params, self.states.model_state,
+                                  jnp.asarray(improved))
+
+  def save_latest(self, epoch, loops):
+    self.checkpoints.save_latest(epoch, (self.states, self.best),
+                                 {"epoch": epoch, "loops": loops})
+
+  def finish(self, indices, loops):
+    """Writes each stopped setting's best checkpoint and metrics.json, as a single run's."""
+    if self.eval_sets.final is not None:  # the selected epochs, measured on every user
+      metrics = jax.device_get(self.final_evaluate(*self.best, self.run.static,
+                                                   self.eval_sets.final, self.values))
+      for i in indices:
+        if loops[i]["best_epoch"] > 0:
+          loops[i]["best_valid"] = {name: float(v[i, 0]) for name, v in sorted(metrics.items())}
+          loops[i]["best_test"] = {name: float(v[i, 1]) for name, v in sorted(metrics.items())}
+    for i in indices:
+      if loops[i]["best_epoch"] > 0:
+        params, model_state = _slice(self.best, i)
+        best_checkpoint = checkpoint_lib.Checkpoints(self.folders[i], self.run.layout.state)
+        try:
+          best_checkpoint.save_best(loops[i]["best_epoch"], params, model_state)
+        finally:
+          best_checkpoint.close()
+      result = train.run_result(loops[i], self.configs[i], self.facts, self.run.layout,
+                                self.eval_sets.sampled_users)
+      result["grid"] = {"settings": len(self.settings), "chunk": self.id,
+                        "note": "train/eval seconds are those of the whole vmapped chunk"}
+      if progress.is_primary():
+        workdir_lib.write_result(self.folders[i], result)
+      self.done[i] = True
+
+  def close(self):
+    self.checkpoints.close()
+    for scalars in self.scalars:
+      scalars.close()
+
+
+def _train_chunk(run, keys, settings, workdir, eval_sets, facts):
+  """Trains `settings` in one vmapped program, through the one training loop."""
   chex.clear_trace_counter()
-  base = run.config.copy_and_resolve_references()
-  base.grid_axis = GRID_AXIS
-  n = len(settings)
-  configs = [concrete_config(run.config, s) for s in settings]
-  names = [setting_name(s) for s in settings]
-  values = jnp.asarray([[s[k] for k in keys] for s in settings], jnp.float32).reshape(n,
-                                                                                    len(keys))
-  initial = [train.init_train_state(run.backbone, run.alignment, train.make_optimizer(c),
-                                    run.static, run.info, c) for c in configs]
-  # On the run's device and mesh, as the programs' outputs will be (one input signature).
-  place = functools.partial(jax.device_put, device=run.layout.replicated())
-  states = place(_stack([state for state, _ in initial]))
-  train_rngs = place(jnp.stack([rng for _, rng in initial]))
-  best = place(jax.tree.map(jnp.copy, (states.params, states.model_state)))
-  values = place(values)
-  epoch_fn, evaluate, keep_best = make_grid_programs(run, base, keys)
-
-  chunk_dir = os.path.join(workdir, "chunks", _chunk_id(settings))
-  os.makedirs(chunk_dir, exist_ok=True)
-  with open(os.path.join(chunk_dir, "settings.txt"), "w") as f:
-    f.write("\n".join(names) + "\n")
-  checkpoints = checkpoint_lib.Checkpoints(chunk_dir)
-  loops, epoch = [train.initial_loop_state() for _ in settings], 0
-  if checkpoints.latest_epoch() is not None:
-    (states, best), saved = checkpoints.restore_latest(like_state=(states, best))
-    loops, epoch = saved["loops"], saved["epoch"]
-    train.log(f"grid: resumed {n} settings from {chunk_dir} at epoch {epoch}")
-  done = [os.path.exists(_metrics_file(workdir, s)) for s in settings]  # kept as they are
-  for name in names:
-    os.makedirs(os.path.join(workdir, name), exist_ok=True)
-  histories = [None if done[i] else train.History(os.path.join(workdir, names[i]),
-                                                  loops[i]["epoch"]) for i in range(n)]
-
-  def stopped(i):
-    return loops[i]["epoch"] >= base.max_epochs or loops[i]["bad_epochs"] >= base.patience
-
-  def finish(i):
-    """Writes setting i's best checkpoint and metrics.json, as a single run would."""
-    setting_dir = os.path.join(workdir, names[i])
-    if loops[i]["best_epoch"] > 0:
-      params, model_state = _slice(best, i)
-      best_checkpoint = checkpoint_lib.Checkpoints(setting_dir)
-      try:
-        best_checkpoint.save_best(loops[i]["best_epoch"], params, model_state)
-      finally:
-        best_checkpoint.close()
-    result = train.run_result(loops[i], configs[i], facts, run.layout)
-    result["grid"] = {"settings": n, "chunk": _chunk_id(settings),
-                      "note": "train/eval seconds are those of the whole vmapped chunk"}
-    train.write_result(setting_dir, result)
-    done[i] = True
-
-  selection = base.selection_metric
-  first_epoch = epoch + 1
-  train.log(f"grid: {n} settings ({', '.join(keys) or 'seeds only'}) in one program")
+  chunk = GridChunk(run, keys, settings, workdir, eval_sets, facts)
   try:
-    for i in range(n):
-      if stopped(i) and not done[i]:
-        finish(i)
-    while not all(done):
-      epoch += 1
-      active = np.array([not (done[i] or stopped(i)) for i in range(n)])
-      start = time.perf_counter()
-      try:
-        states, losses = epoch_fn(states, train_rngs, epoch, run.static, values,
-                                  jnp.asarray(active))
-      except jax.errors.ConcretizationTypeError:
-        raise ConfigError(f"a swept field ({', '.join(keys)}) is used as a static switch (a "
-                          "Python branch or a shape) by the model or alignment; sweep it "
-                          "with separate runs") from None
-      losses = np.asarray(losses)
-      train_seconds = time.perf_counter() - start
-      start = time.perf_counter()
-      metrics = jax.device_get(evaluate(states.params, states.model_state, run.static,
-                                        eval_data, values))
-      eval_seconds = time.perf_counter() - start
-      improved = np.zeros(n, bool)
-      for i in np.flatnonzero(active):
-        if not np.all(np.isfinite(losses[i])):
-          train.log(f"grid: setting {names[i]} stopped at epoch {epoch}: loss is "
-                    f"{losses[i].tolist()}; its metrics keep its best epoch "
-                    f"{loops[i]['best_epoch']}")
-          loops[i]["bad_epochs"] = base.patience  # stops it; other settings go on
-          continue
-        valid = {name: float(v[i, 0]) for name, v in sorted(metrics.items())}
-        test = {name: float(v[i, 1]) for name, v in sorted(metrics.items())}
-        improved[i], record = train.record_epoch(loops[i], epoch, losses[i], valid, test,
-                                                 selection, train_seconds, eval_seconds,
-                                                 first_epoch)
-        histories[i].append(record)
-      best = keep_best(best, states.params, states.model_state, jnp.asarray(improved))
-      values_now = [loops[i]["best_value"] for i in range(n)]
-      top = int(np.argmax(values_now))
-      train.log(f"epoch {epoch:4d} | {int(active.sum())}/{n} settings training | best valid "
-                f"{selection} {values_now[top]:.4f} ({names[top]}) | train "
-                f"{train_seconds:.2f}s eval {eval_seconds:.2f}s")
-      if epoch % base.checkpoint_every_epochs == 0 or all(done[i] or stopped(i) for i in range(n)):
-        checkpoints.save_latest(epoch, (states, best), {"epoch": epoch, "loops": loops})
-      for i in range(n):
-        if stopped(i) and not done[i]:
-          finish(i)
+    loops, epoch = chunk.restore()
+    progress.log(f"grid: {len(settings)} settings ({', '.join(keys) or 'seeds only'}) in one "
+                 "program")
+    train.train_loop(chunk, run.config, loops, epoch, list(chunk.done))
   finally:
-    checkpoints.close()
+    chunk.close()
   # Every setting has its folder (metrics, best checkpoint): the chunk's resumable state
   # (all settings' parameters and optimizer moments) is dead weight from here on.
-  shutil.rmtree(os.path.join(chunk_dir, "checkpoints"), ignore_errors=True)
+  shutil.rmtree(os.path.join(chunk.chunk_dir, "checkpoints"), ignore_errors=True)
 
 
 def summary_lines(settings: Sequence[Setting], results: Sequence[dict],

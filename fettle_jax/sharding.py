@@ -319,3 +319,31 @@ def per_device_bytes(arrays) -> int:
       if shard.device == device:
         total += shard.data.nbytes
   return total
+
+
+# ------------------------------------------------------------------------ graph row blocks
+# Graph propagation with node rows split over 'model' (graphs.propagate_row_blocks): the
+# shard_map lives here, with every other device decision.
+
+
+def map_model_row_blocks(local, rows, *replicated):
+  """Runs `local(rows_block, *replicated)` on each device of the traced mesh's 'model' axis:
+  `rows` [N, d] (N a multiple of the axis size) is split by rows, the other arguments are
+  whole on every device, and the [N / model, d] blocks come back as one [N, d] array split
+  by rows. `local` may use collectives over 'model' (e.g. all_gather the full input)."""
+  return jax.shard_map(local, in_specs=(P(MODEL, None),) + (P(),) * len(replicated),
+                       out_specs=P(MODEL, None), check_vma=False)(rows, *replicated)
+
+
+# ------------------------------------------------------------------------ stacked settings
+# A grid (fettle_jax/grid.py) stacks its settings' train states on a new leading axis.
+
+
+def stacked(placement: Placement, n: int) -> Placement:
+  """The placement of `n` trees like `placement`'s stacked on a new leading axis: each
+  leaf keeps its sharding on its own dimensions; the settings axis is not split."""
+  shardings = jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(None, *sh.spec)),
+                           placement.shardings)
+  shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + tuple(s.shape), s.dtype),
+                        placement.shapes)
+  return Placement(shardings, shapes)

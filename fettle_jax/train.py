@@ -1,22 +1,25 @@
-"""The training loop: model-agnostic, one compiled program per epoch, resumable.
+"""Training: model-agnostic, one compiled program per epoch, resumable; the one loop.
 
 `train_and_evaluate(config, workdir)` loads the data, builds the backbone and the alignment
-plug-in named by the config, trains with early stopping on validation Recall@20, and writes
-`<workdir>/metrics.json` with the test metrics of the best *validation* epoch.
+plug-in named by the config, trains with early stopping on the validation
+config.selection_metric, and writes `<workdir>/metrics.json` (fettle_jax/workdir.py) with
+the test metrics of the best *validation* epoch.
+
+`train_loop` is the one training loop: a single run (`SingleRun`) and a grid's chunk of
+settings (fettle_jax/grid.py) are both a `Cohort` it drives, with the same validation
+cadence (config.eval_every), early stopping, NaN policy, history and progress lines.
 
 Devices: `create_train_state` places the state and static inputs on the `config.mesh`
 device mesh (fettle_jax/sharding.py); the compiled epoch and evaluation keep those
 shardings, split each batch over 'data', and (model > 1) rank items where their rows live.
-In a multi-process run every process trains; process 0 prints and writes the files.
+In a multi-process run every process trains; process 0 reports and writes the files.
 """
 
-import fcntl
 import functools
-import json
 import os
 import statistics
 import time
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Optional, Protocol, Tuple
 
 import chex
 import jax
@@ -30,15 +33,16 @@ from data_pipeline import derived
 from data_pipeline import wheels
 from fettle_jax import alignment as alignment_lib
 from fettle_jax import checkpoint as checkpoint_lib
-from fettle_jax import curves
 from fettle_jax import evaluation
 from fettle_jax import programs
+from fettle_jax import progress
 from fettle_jax import sampling
 from fettle_jax import sharding
+from fettle_jax import workdir as workdir_lib
 from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
-from fettle_jax.errors import ConfigError, WorkdirInUseError, WorkdirWriteError
+from fettle_jax.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -273,26 +277,58 @@ EVAL_RULES = ((r"^(users|valid)$", sharding.P(None, sharding.DATA)),  # users ov
               (r".*", sharding.P()))
 
 
-def build_eval_data(data: dataset_lib.Dataset, config, layout) -> evaluation.EvalData:
-  """Valid and test evaluated in one pass; each batch of users split over 'data' (the batch
-  rounded up to a multiple of it), placed on the mesh."""
+def build_eval_data(data: dataset_lib.Dataset, config, layout,
+                    splits=None) -> evaluation.EvalData:
+  """Held-out `splits` (default: valid and test) evaluated in one pass; each batch of users
+  split over 'data' (the batch rounded up to a multiple of it), placed on the mesh."""
+  splits = [data.valid, data.test] if splits is None else splits
   eval_data = evaluation.build_eval_data(
-      [data.valid, data.test],
-      evaluation.interaction_bitmask(data.train, data.n_users, data.n_items),
+      splits, evaluation.interaction_bitmask(data.train, data.n_users, data.n_items),
       data.n_users, data.n_items, sharding.round_up(config.eval_batch_size, layout.data_size))
   return sharding.placement(eval_data, EVAL_RULES, layout.mesh).place(eval_data)
+
+
+def sample_valid_users(valid: np.ndarray, size: int, seed: int) -> np.ndarray:
+  """`size` users drawn without replacement from those with validation items, fixed by
+  `seed` (sorted); every such user when `size` is 0 or at least their number."""
+  users = np.unique(valid[:, 0])
+  if size <= 0 or size >= len(users):
+    return users
+  return np.sort(np.random.default_rng(seed).choice(users, size, replace=False))
+
+
+class EvalSets(NamedTuple):
+  """What each validation pass ranks, and what the selected parameters are finally
+  measured on. `final` is None when selection already sees every user: a pass then ranks
+  valid and test together (one top-k serves both) and the selected epoch's test metrics
+  come with it."""
+  selection: evaluation.EvalData  # valid and test (all users), or valid of the sample
+  final: Optional[evaluation.EvalData]  # valid and test on every user, or None
+  sampled_users: Optional[int]  # validation users in the sample (None: all)
+
+
+def build_eval_sets(data: dataset_lib.Dataset, config, layout) -> EvalSets:
+  """config.valid_users_sample: 0 selects on every validation user; n > 0 on n of them
+  drawn with config.seed (the same users at every pass). Test is always every user's."""
+  users = sample_valid_users(data.valid, config.valid_users_sample, config.seed)
+  if len(users) == len(np.unique(data.valid[:, 0])):
+    return EvalSets(build_eval_data(data, config, layout), None, None)
+  sample = data.valid[np.isin(data.valid[:, 0], users)]
+  return EvalSets(build_eval_data(data, config, layout, [sample]),
+                  build_eval_data(data, config, layout), len(users))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Every check that needs no data, in one place, before the data loads: one-line
   `ConfigError`s for settings that would otherwise fail deep inside a compiled step."""
   positive = ("batch_size", "eval_batch_size", "embedding_size", "patience",
-              "checkpoint_every_epochs")
+              "checkpoint_every_epochs", "eval_every")
   for name in positive:
     if config[name] <= 0:
       raise ConfigError(f"config.{name} must be positive, got {config[name]}")
-  if config.max_epochs < 0 or config.learning_rate < 0:
-    raise ConfigError("config.max_epochs and config.learning_rate must not be negative")
+  if config.max_epochs < 0 or config.learning_rate < 0 or config.valid_users_sample < 0:
+    raise ConfigError("config.max_epochs, config.learning_rate and config.valid_users_sample "
+                      "must not be negative")
   if not config.topk or min(config.topk) <= 0:
     raise ConfigError(f"config.topk must be positive cut-offs, got {tuple(config.topk)}")
   metric, _, k = config.selection_metric.partition("@")
@@ -322,64 +358,207 @@ def split_metrics(metrics: Dict[str, np.ndarray], index: int) -> Dict[str, float
   return {name: float(values[index]) for name, values in sorted(metrics.items())}
 
 
-class WorkdirLock:
-  """An exclusive flock on <workdir>/.lock for the run's lifetime: a second process on the
-  same workdir stops with an error instead of interleaving checkpoints. The kernel drops
-  the lock when the holder dies (SIGKILL included), so no stale lock survives a crash."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
-    self._file = open(self.path, "a+")
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or "?"
-      self._file.close()
-      raise WorkdirInUseError(f"{workdir}: in use by another run (pid {holder}); wait for it "
-                              "or pass another --workdir") from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(str(os.getpid()))
-    self._file.flush()
-
-  def release(self) -> None:
-    fcntl.flock(self._file, fcntl.LOCK_UN)
-    self._file.close()
+# Progress lines (fettle_jax/progress.py), under the names scripts call them by.
+is_primary = progress.is_primary
+log = progress.log
 
 
-class History:
-  """<workdir>/history.jsonl: one line per epoch, appended as it happens (a crashed run
-  keeps its curve); on resume, lines past the restored epoch are dropped (they re-run)."""
+# --------------------------------------------------------------------------- the loop
+# One loop trains every run: a single run is one setting, a grid (fettle_jax/grid.py) a
+# chunk of settings side by side. What differs -- how the epoch and evaluation programs are
+# called, where best parameters and results go -- is the `Cohort`'s; what a setting's
+# training means -- validation cadence, early stopping, the NaN policy, history, progress
+# -- is the loop's, the same for both.
 
-  def __init__(self, workdir: str, restored_epoch: int):
-    self.path = os.path.join(workdir, "history.jsonl")
-    kept = []
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-          if record.get("epoch", 0) <= restored_epoch:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    with open(self.path, "w") as f:
-      f.writelines(kept)
 
-  def append(self, record: dict) -> None:
-    try:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    except OSError as e:
-      raise WorkdirWriteError(f"{self.path}: cannot append epoch {record.get('epoch')} "
-                              f"({e.strerror}); free space and rerun to resume") from e
+class Cohort(Protocol):
+  """S >= 1 settings trained together; the loop calls these, in this order, per epoch."""
+  names: List[str]               # per setting, for progress lines ("" for a single run)
+  histories: List[Optional[workdir_lib.History]]  # None: not written (finished / not process 0)
+  scalars: List[progress.Scalars]
+
+  def advance(self, epoch: int, active: np.ndarray) -> np.ndarray:
+    """Trains epoch `epoch` for the `active` settings; their mean losses [S, 2]."""
+
+  def validate(self) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]]]:
+    """(valid, test) metrics of every setting, {name: [S]}; test None when selection
+    ranks a sample of the validation users (the test is then measured in `finish`)."""
+
+  def keep_best(self, epoch: int, improved: np.ndarray) -> None:
+    """Keeps the current parameters of the `improved` settings as their best."""
+
+  def save_latest(self, epoch: int, loops: List[dict]) -> None:
+    """The resumable checkpoint: every setting's state and loop state after `epoch`."""
+
+  def finish(self, indices: List[int], loops: List[dict]) -> None:
+    """Writes the results of settings that stopped (their best validation epoch)."""
 
 
 def initial_loop_state() -> dict:
-  return {"epoch": 0, "best_epoch": 0, "best_value": -1.0, "bad_epochs": 0,
+  return {"epoch": 0, "best_epoch": 0, "best_value": -1.0, "bad_evals": 0,
           "best_valid": {}, "best_test": {}, "history": [],
-          "train_seconds": [], "eval_seconds": []}
+          "train_seconds": [], "eval_seconds": [], "stop": None}
+
+
+def upgrade_loop_state(saved: dict) -> List[dict]:
+  """The loop states of a 'latest' checkpoint ({"epoch", "loops"}); the earlier single-run
+  format, one bare loop state counting patience in 'bad_epochs', still resumes."""
+  loops = saved["loops"] if "loops" in saved else [saved]
+  for loop in loops:
+    if "bad_epochs" in loop:
+      loop["bad_evals"] = loop.pop("bad_epochs")
+    loop.setdefault("stop", None)
+  return loops
+
+
+def validates(epoch: int, config) -> bool:
+  """A validation pass after every config.eval_every epochs, and after the last one."""
+  return epoch % config.eval_every == 0 or epoch >= config.max_epochs
+
+
+def stop_reason(loop: dict, config) -> Optional[str]:
+  """Why a setting stops after its latest epoch, or None while it trains on. Early stopping
+  counts validation passes without improvement (config.patience of them), never test."""
+  if loop["stop"]:
+    return loop["stop"]
+  if loop["epoch"] >= config.max_epochs:
+    return "max_epochs"
+  if loop["bad_evals"] >= config.patience:
+    return (f"patience: {config.patience} validation passes without a better valid "
+            f"{config.selection_metric}")
+  return None
+
+
+def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
+               done: List[bool]) -> int:
+  """Trains the cohort's settings from `epoch` until each stops; returns the last epoch.
+
+  Per epoch: every active setting trains one epoch; after every config.eval_every epochs
+  (and the last) a validation pass ranks the validation users, and a setting that
+  improves its config.selection_metric keeps those parameters as its best. A setting stops
+  when max_epochs run out, after config.patience validation passes without improvement,
+  or when its loss is not finite; its result is always its best validation epoch.
+
+  NaN policy: a setting whose mean loss over an epoch is not finite (NaN or inf) stops at
+  that epoch ("non-finite loss at epoch N", logged as a warning and kept as metrics.json's
+  `stop`): the diverged state is never validated and never resumed from (a single run
+  does not checkpoint it; a grid freezes that setting's slice), and the setting's result
+  is its best validation epoch before it, as for any early stop. Other settings of a grid
+  train on; a single run ends normally, with its metrics.json.
+  """
+  n = len(loops)
+  first_epoch, start_time = epoch + 1, time.perf_counter()
+  epoch_seconds = []  # wall time of each epoch of this process, validation included
+  bar = None
+
+  def finish_stopped(candidates):
+    stopping = [i for i in candidates if not done[i] and stop_reason(loops[i], config)]
+    if stopping:
+      cohort.finish(stopping, loops)
+      for i in stopping:
+        done[i] = True
+
+  try:
+    finish_stopped(range(n))
+    if not all(done):
+      log(f"compiling the train step ... (epoch {first_epoch}'s time includes it; a rerun "
+          "with the compilation cache loads it instead)")
+    bar = progress.EpochBar(config.max_epochs, epoch)  # after the lines it would garble
+    while not all(done):
+      epoch += 1
+      epoch_start = time.perf_counter()
+      active = np.array([not d for d in done])
+      losses = np.asarray(cohort.advance(epoch, active), np.float64).reshape(n, 2)
+      train_seconds = time.perf_counter() - epoch_start
+      finite = np.all(np.isfinite(losses), axis=1)
+      valid = test = eval_seconds = None
+      if validates(epoch, config) and np.any(active & finite):
+        start = time.perf_counter()
+        valid, test = cohort.validate()
+        eval_seconds = time.perf_counter() - start
+      improved = record_settings(cohort, loops, epoch, active, losses, valid, test,
+                                 (train_seconds, eval_seconds), first_epoch, config)
+      if improved.any():
+        cohort.keep_best(epoch, improved)
+      epoch_seconds.append(time.perf_counter() - epoch_start)
+      # Epochs after this process's first (which compiles), the recent ones.
+      rate = np.mean(epoch_seconds[1:][-20:] or epoch_seconds)
+      patience = patience_left(loops, active, config)
+      bar.line(progress.epoch_line(
+          epoch, config.max_epochs, epoch_body(cohort, loops, active, losses, valid, improved,
+                                               epoch, config),
+          patience, train_seconds, eval_seconds, time.perf_counter() - start_time,
+          max(0, config.max_epochs - epoch) * rate), epoch, f"patience {patience}")
+      stopping = [i for i in np.flatnonzero(active) if stop_reason(loops[i], config)]
+      every_one_stops = len(stopping) == int(active.sum())
+      if ((epoch % config.checkpoint_every_epochs == 0 or every_one_stops)
+          and np.any(active & finite)):
+        cohort.save_latest(epoch, loops)
+      finish_stopped(stopping)
+  finally:
+    if bar is not None:
+      bar.close()
+  return epoch
+
+
+def record_settings(cohort: Cohort, loops: List[dict], epoch: int, active: np.ndarray,
+                    losses: np.ndarray, valid, test, seconds, first_epoch: int,
+                    config) -> np.ndarray:
+  """The epoch's bookkeeping for each active setting (early stopping, history.jsonl,
+  TensorBoard, the NaN policy's stop); returns which settings improved."""
+  improved = np.zeros(len(loops), bool)
+  for i in np.flatnonzero(active):
+    setting_valid = None if valid is None else {k: float(v[i]) for k, v in valid.items()}
+    setting_test = None if test is None else {k: float(v[i]) for k, v in test.items()}
+    if not np.all(np.isfinite(losses[i])):
+      setting_valid = setting_test = None
+      loops[i]["stop"] = f"non-finite loss at epoch {epoch}"
+      progress.warn(f"{names_prefix(cohort, i)}loss is {losses[i].tolist()} at epoch "
+                    f"{epoch}: stopped; its result is its best validation epoch "
+                    f"{loops[i]['best_epoch']} (lower the learning rate or the alignment "
+                    "weights)")
+    improved[i], record = record_epoch(loops[i], epoch, losses[i], setting_valid,
+                                       setting_test, config.selection_metric, *seconds,
+                                       first_epoch)
+    if cohort.histories[i] is not None:
+      cohort.histories[i].append(record)
+    cohort.scalars[i].epoch(epoch, losses[i], setting_valid)
+  return improved
+
+
+def names_prefix(cohort: Cohort, i: int) -> str:
+  return f"setting {cohort.names[i]}: " if cohort.names[i] else ""
+
+
+def patience_left(loops: List[dict], active: np.ndarray, config) -> str:
+  """Validation passes left before early stopping, of config.patience ('lo-hi' over a
+  grid's active settings)."""
+  left = [config.patience - loops[i]["bad_evals"] for i in np.flatnonzero(active)
+          if not loops[i]["stop"]] or [0]
+  low, high = min(left), max(left)
+  return (f"{low}" if low == high else f"{low}-{high}") + f"/{config.patience}"
+
+
+def epoch_body(cohort, loops, active, losses, valid, improved, epoch, config) -> str:
+  """The middle of an epoch line: a single run's losses and validation value, or a grid's
+  settings still training and its best validation value so far."""
+  selection = config.selection_metric
+  if len(loops) == 1:
+    total = losses[0].sum()
+    text = (f"loss {total:.5f} (backbone {losses[0, 0]:.5f}, alignment {losses[0, 1]:.5f})")
+    if valid is not None:
+      text += (f" | valid {selection} {float(valid[selection][0]):.4f}"
+               f"{' *' if improved[0] else '  '}")
+    else:
+      following = min(config.max_epochs, -(-(epoch + 1) // config.eval_every)
+                      * config.eval_every)
+      text += f" | valid at epoch {following}"
+    return text
+  values = [loop["best_value"] for loop in loops]
+  top = int(np.argmax(values))
+  best = (f"best valid {selection} {values[top]:.4f} ({cohort.names[top]})"
+          if loops[top]["best_epoch"] else "no validation pass yet")
+  return f"{int(active.sum())}/{len(loops)} settings training | {best}"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -387,7 +566,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir's lock throughout, so a second process on it stops instead of interleaving."""
   os.makedirs(workdir, exist_ok=True)
   # In a multi-process run every process shares the workdir; the first one holds the lock.
-  lock = WorkdirLock(workdir) if is_primary() else None
+  lock = workdir_lib.WorkdirLock(workdir) if is_primary() else None
   try:
     return _train_and_evaluate(config, workdir)
   finally:
@@ -395,14 +574,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       lock.release()
 
 
-def is_primary() -> bool:
-  """Process 0: the one that prints, writes history and metrics (every process trains)."""
-  return jax.process_index() == 0
+class SingleRun:
+  """The cohort of one setting: the run's jitted epoch and evaluation on its mesh; best
+  parameters go to `<workdir>/checkpoints/best` as soon as they improve."""
 
+  def __init__(self, run: Experiment, workdir: str, eval_sets: EvalSets, facts: dict):
+    self.run, self.workdir, self.eval_sets, self.facts = run, workdir, eval_sets, facts
+    config, layout = run.config, run.layout
+    epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer, run.info,
+                                layout)
+    evaluate = make_evaluate(run.backbone, config, layout)
+    # With run.py's program cache, a rerun loads both traced programs instead of tracing.
+    description = repr((config.to_json_best_effort(sort_keys=True), run.info, facts))
+    self.epoch_fn = programs.cached(epoch_fn, "epoch", description, donate_argnums=0,
+                                    mesh=layout.mesh)
+    self.evaluate = programs.cached(evaluate, "evaluate", description, mesh=layout.mesh)
+    self.checkpoints = checkpoint_lib.Checkpoints(workdir, layout.state)
+    self.state = run.state
+    self.names = [""]
+    self.histories = [None]
+    self.scalars = [progress.Scalars(workdir_lib.tensorboard_dir(workdir), config.tensorboard)]
+    self.result = None
 
-def log(message: str) -> None:
-  if is_primary():
-    print(message, flush=True)
+  def restore(self):
+    """(loop states, epoch) of the latest checkpoint, or None for a fresh run."""
+    if self.checkpoints.latest_epoch() is None:
+      return None
+    self.state, saved = self.checkpoints.restore_latest()
+    loops = upgrade_loop_state(saved)
+    return loops, loops[0]["epoch"]
+
+  def advance(self, epoch, active):
+    del active  # called only while the run trains
+    # fold_in(epoch): a resumed run draws exactly the batches an uninterrupted one would.
+    self.state, losses = self.epoch_fn(self.state, jax.random.fold_in(self.run.train_rng,
+                                                                      epoch), self.run.static)
+    return np.asarray(losses)[None]
+
+  def validate(self):
+    # One device-to-host transfer for every metric of every split.
+    metrics = jax.device_get(self.evaluate(self.state.params, self.state.model_state,
+                                           self.run.static, self.eval_sets.selection))
+    valid = {name: values[:1] for name, values in metrics.items()}
+    test = None if self.eval_sets.final is not None else {
+        name: values[1:2] for name, values in metrics.items()}
+    return valid, test
+
+  def keep_best(self, epoch, improved):
+    if improved[0]:
+      self.checkpoints.save_best(epoch, self.state.params, self.state.model_state)
+
+  def save_latest(self, epoch, loops):
+    self.checkpoints.save_latest(epoch, self.state, {"epoch": epoch, "loops": loops})
+
+  def finish(self, indices, loops):
+    del indices
+    loop = loops[0]
+    if self.eval_sets.final is not None and loop["best_epoch"] > 0:
+      loop["best_valid"], loop["best_test"] = self.final_metrics()
+    self.result = run_result(loop, self.run.config, self.facts, self.run.layout,
+                             self.eval_sets.sampled_users)
+    if is_primary():
+      workdir_lib.write_result(self.workdir, self.result)
+
+  def final_metrics(self):
+    """Valid and test on every user, of the best checkpoint's parameters."""
+    params, model_state = self.checkpoints.restore_best()
+    if model_state is None:  # the backbone keeps no state its ranking reads
+      model_state = self.state.model_state
+    evaluate = make_evaluate(self.run.backbone, self.run.config, self.run.layout)
+    metrics = jax.device_get(evaluate(params, model_state, self.run.static,
+                                      self.eval_sets.final))
+    return split_metrics(metrics, 0), split_metrics(metrics, 1)
+
+  def close(self):
+    self.checkpoints.close()
+    for scalars in self.scalars:
+      scalars.close()
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -414,70 +662,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   check_config_for_data(config, data.n_items)
   log(data.summary())
   run = create_train_state(config, data)
-  config, state, layout = run.config, run.state, run.layout
+  config, layout = run.config, run.layout
   log(f"mesh: data {layout.data_size} x model {layout.model_size} over "
       f"{layout.mesh.devices.size} {jax.devices()[0].platform} device(s), "
       f"{jax.process_count()} process(es)")
-  eval_data = build_eval_data(data, config, layout)
+  eval_sets = build_eval_sets(data, config, layout)
+  if eval_sets.sampled_users:
+    log(f"model selection on {eval_sets.sampled_users} sampled validation users (seed "
+        f"{config.seed}); the selected epoch is then measured on every user")
   facts = data_facts(data)
   del data  # the host copies of the features: the device holds the one we train on
-  epoch_fn = make_train_epoch(run.backbone, run.alignment, config, run.optimizer,
-                              run.info, layout)
-  evaluate = make_evaluate(run.backbone, config, layout)
-  # With run.py's program cache, a rerun loads both traced programs instead of tracing.
-  description = repr((config.to_json_best_effort(sort_keys=True), run.info, facts))
-  epoch_fn = programs.cached(epoch_fn, "epoch", description, donate_argnums=0,
-                             mesh=layout.mesh)
-  evaluate = programs.cached(evaluate, "evaluate", description, mesh=layout.mesh)
-
-  checkpoints = checkpoint_lib.Checkpoints(workdir, layout.state)
-  loop = initial_loop_state()
-  if checkpoints.latest_epoch() is not None:
-    state, loop = checkpoints.restore_latest()
-    log(f"resumed from {workdir} at epoch {loop['epoch']}")
-  history = History(workdir, loop["epoch"]) if is_primary() else None
-
-  selection = config.selection_metric
-  first_epoch = loop["epoch"] + 1
+  cohort = SingleRun(run, workdir, eval_sets, facts)
   try:
-    while loop["epoch"] < config.max_epochs and loop["bad_epochs"] < config.patience:
-      epoch = loop["epoch"] + 1
-      start = time.perf_counter()
-      # fold_in(epoch): a resumed run draws exactly the batches an uninterrupted one would.
-      state, losses = epoch_fn(state, jax.random.fold_in(run.train_rng, epoch), run.static)
-      losses = np.asarray(losses)
-      train_seconds = time.perf_counter() - start
-      if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(
-            f"epoch {epoch}: loss is {losses.tolist()}; nothing of this epoch was saved (last "
-            f"checkpoint: epoch {checkpoints.latest_epoch()}); lower the learning rate or the "
-            "alignment weights")
-      start = time.perf_counter()
-      # One device-to-host transfer for every metric of both splits.
-      metrics = jax.device_get(evaluate(state.params, state.model_state, run.static, eval_data))
-      valid, test = split_metrics(metrics, 0), split_metrics(metrics, 1)
-      eval_seconds = time.perf_counter() - start
-      improved, record = record_epoch(loop, epoch, losses, valid, test, selection,
-                                      train_seconds, eval_seconds, first_epoch)
-      if improved:
-        checkpoints.save_best(epoch, state.params, state.model_state)
-      if history is not None:
-        history.append(record)
-      log(f"epoch {epoch:4d} | loss {losses.sum():.5f} (backbone {losses[0]:.5f}, "
-          f"alignment {losses[1]:.5f}) | valid {selection} {valid[selection]:.4f}"
-          f"{' *' if improved else '  '} | train {train_seconds:.2f}s eval {eval_seconds:.2f}s")
-      if epoch % config.checkpoint_every_epochs == 0:
-        checkpoints.save_latest(epoch, state, loop)
-    if loop["epoch"] % config.checkpoint_every_epochs:
-      checkpoints.save_latest(loop["epoch"], state, loop)
+    loops, epoch = [initial_loop_state()], 0
+    restored = cohort.restore()
+    if restored is not None:
+      loops, epoch = restored
+      log(f"resumed from {workdir} at epoch {epoch}")
+    if is_primary():
+      cohort.histories = [workdir_lib.History(workdir, epoch)]
+    train_loop(cohort, config, loops, epoch, [False])
   finally:
-    checkpoints.close()
-
-  result = run_result(loop, config, facts, layout)
-  if is_primary():
-    write_result(workdir, result)
-  log(final_line(loop))
-  return result
+    cohort.close()
+  log(final_line(loops[0]))
+  return cohort.result
 
 
 def data_facts(data: dataset_lib.Dataset) -> dict:
@@ -486,36 +694,51 @@ def data_facts(data: dataset_lib.Dataset) -> dict:
           "n_test": len(data.test), "modalities": sorted(data.features)}
 
 
-def record_epoch(loop: dict, epoch: int, losses, valid: dict, test: dict, selection: str,
-                 train_seconds: float, eval_seconds: float, first_epoch: int):
+def record_epoch(loop: dict, epoch: int, losses, valid: Optional[dict], test: Optional[dict],
+                 selection: str, train_seconds: float, eval_seconds: Optional[float],
+                 first_epoch: int):
   """Early-stopping bookkeeping of one finished epoch (model selection looks at validation
-  only); returns (improved, the epoch's history.jsonl record)."""
-  improved = valid[selection] > loop["best_value"]
+  only; `valid` is None on an epoch without a validation pass, `test` None when the pass
+  ranked a sample of validation users); returns (improved, the epoch's history.jsonl
+  record)."""
+  improved = valid is not None and valid[selection] > loop["best_value"]
   if improved:
-    loop.update(best_epoch=epoch, best_value=valid[selection], bad_epochs=0,
-                best_valid=valid, best_test=test)
-  else:
-    loop["bad_epochs"] += 1
+    loop.update(best_epoch=epoch, best_value=valid[selection], bad_evals=0,
+                best_valid=valid, best_test=test or {})
+  elif valid is not None:
+    loop["bad_evals"] += 1
   loop["epoch"] = epoch
   record = {"epoch": epoch, "loss": float(losses[0] + losses[1]),
-            "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1]),
-            f"valid_{selection}": valid[selection]}
+            "backbone_loss": float(losses[0]), "alignment_loss": float(losses[1])}
+  if valid is not None:
+    record[f"valid_{selection}"] = valid[selection]
   loop["history"].append(record)
+  epoch_seconds = train_seconds + (eval_seconds or 0.0)
   if epoch > first_epoch:  # this process's first epoch includes compilation
     loop["train_seconds"].append(train_seconds)
-    loop["eval_seconds"].append(eval_seconds)
-  else:
-    loop["first_epoch_seconds"] = train_seconds + eval_seconds
-  return improved, dict(record, valid=valid, test=test, train_seconds=train_seconds,
-                        eval_seconds=eval_seconds)
+    if eval_seconds is not None:
+      loop["eval_seconds"].append(eval_seconds)
+  elif epoch == first_epoch:
+    loop["first_epoch_seconds"] = epoch_seconds
+  details = {"train_seconds": train_seconds}
+  if valid is not None:
+    details.update(valid=valid, eval_seconds=eval_seconds)
+  if test is not None:
+    details["test"] = test
+  return improved, dict(record, **details)
 
 
-def run_result(loop: dict, config, data_facts: dict, layout) -> dict:
+def run_result(loop: dict, config, data_facts: dict, layout,
+               sampled_users: Optional[int] = None) -> dict:
   """metrics.json's content: the best validation epoch's metrics and the run's facts."""
+  selection = f"valid {config.selection_metric}"
+  if sampled_users:
+    selection += f" on {sampled_users} sampled validation users"
   return {
       "best_epoch": loop["best_epoch"],
       "epochs": loop["epoch"],
-      "selection_metric": f"valid {config.selection_metric}",
+      "selection_metric": selection,
+      "stop": loop["stop"] or stop_reason(loop, config),
       "valid": loop["best_valid"],
       "test": loop["best_test"],
       # Medians over epochs after compilation (None if only one epoch ran).
@@ -529,13 +752,6 @@ def run_result(loop: dict, config, data_facts: dict, layout) -> dict:
       "history": loop["history"],
       "config": config.to_dict(),
   }
-
-
-def write_result(workdir: str, result: dict) -> None:
-  """metrics.json and the learning curves next to it."""
-  with open(os.path.join(workdir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, default=str)
-  curves.save(workdir, result)  # learning_curves.{csv,png}; a failure is one printed note
 
 
 def final_line(loop: dict) -> str:

@@ -1,35 +1,168 @@
-"""A finished run, reopened: its config, data, backbone and best-validation parameters.
+"""The run folder: every file a run writes, and reading a finished run back.
 
-Shared by `fettle_jax.recommend` and `fettle_jax.export`. A run folder holds
-`metrics.json` (written when training ends: the config as run, and where the data was)
-and `checkpoints/best` (the parameters of the best validation epoch, the ones behind
-metrics.json's test numbers). Problems with either, or with the data folder, are one-line
-`RunFolderError`s / `DataError`s (both in `errors.REPORTED_ERRORS`).
+A run folder (`--workdir`) holds
+  .lock                      an exclusive flock while a process trains in it (`WorkdirLock`)
+  history.jsonl              one line per epoch, appended as it happens (`History`)
+  metrics.json               written when training ends: the best validation epoch's
+                             metrics, the config as run and where the data was (`write_result`)
+  learning_curves.{csv,png}  the losses and the validation metric per epoch (fettle_jax/curves.py)
+  checkpoints/latest, best   Orbax checkpoints (fettle_jax/checkpoint.py): the resumable
+                             state, and the parameters of the best validation epoch
+  tensorboard/               optional TensorBoard scalars (config.tensorboard)
+A grid (fettle_jax/grid.py) gives each setting such a folder, `<workdir>/<setting name>/`,
+and keeps each chunk's resumable state in `<workdir>/chunks/<id>/`.
 
-The tools run on one device (`config.mesh` is replaced by 1 x 1); checkpoints restore onto
-any mesh. The best checkpoint holds parameters only: a backbone whose `represent` reads its
-non-trainable state (LATTICE's learned neighbours) gets that state rebuilt from the best
-parameters by its `epoch_start` hook, with a printed note: it approximates the state
-evaluation saw (which was built from the parameters at the start of the best epoch).
+Reading back (shared by `fettle_jax.recommend` and `fettle_jax.export`): problems with
+metrics.json, the best checkpoint or the data folder are one-line `RunFolderError`s /
+`DataError`s (both in `errors.REPORTED_ERRORS`). The tools run on one device (`config.mesh`
+is replaced by 1 x 1); checkpoints restore onto any mesh. The best checkpoint holds
+parameters only: a backbone whose `represent` reads its non-trainable state (LATTICE's
+learned neighbours) gets that state rebuilt from the best parameters by its `epoch_start`
+hook, with a printed note: it approximates the state evaluation saw (which was built from
+the parameters at the start of the best epoch).
 """
 
 import csv
+import fcntl
 import json
 import os
 from typing import Any, Dict, NamedTuple, Optional
 
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from data_pipeline import dataset as dataset_lib
-from fettle_jax import checkpoint as checkpoint_lib
-from fettle_jax import train
-from fettle_jax.errors import ConfigError, DataError
+from fettle_jax import curves
+from fettle_jax.errors import ConfigError, DataError, WorkdirInUseError, WorkdirWriteError
 from fettle_jax.types import Representations
 
 
+# ------------------------------------------------------------------------------- paths
+def metrics_path(run_dir: str) -> str:
+  return os.path.join(run_dir, "metrics.json")
+
+
+def history_path(run_dir: str) -> str:
+  return os.path.join(run_dir, "history.jsonl")
+
+
+def checkpoints_dir(run_dir: str) -> str:
+  """The folder of the run's Orbax checkpoints (`latest/` and `best/` below it)."""
+  return os.path.abspath(os.path.join(run_dir, "checkpoints"))
+
+
+def best_checkpoint_dir(run_dir: str) -> str:
+  return os.path.join(checkpoints_dir(run_dir), "best")
+
+
+def curves_paths(run_dir: str):
+  """(csv, png) of the learning curves."""
+  return (os.path.join(run_dir, "learning_curves.csv"),
+          os.path.join(run_dir, "learning_curves.png"))
+
+
+def tensorboard_dir(run_dir: str) -> str:
+  return os.path.join(run_dir, "tensorboard")
+
+
+def setting_dir(grid_dir: str, name: str) -> str:
+  """A grid setting's own run folder."""
+  return os.path.join(grid_dir, name)
+
+
+def chunk_dir(grid_dir: str, chunk_id: str) -> str:
+  """A grid chunk's resumable state (its settings list and `checkpoints/latest`)."""
+  return os.path.join(grid_dir, "chunks", chunk_id)
+
+
+def finished(run_dir: str) -> bool:
+  """Whether training in this folder has ended (metrics.json is written last)."""
+  return os.path.exists(metrics_path(run_dir))
+
+
+# ------------------------------------------------------------------------------ writing
+class WorkdirLock:
+  """An exclusive flock on <workdir>/.lock for the run's lifetime: a second process on the
+  same workdir stops with an error instead of interleaving checkpoints. The kernel drops
+  the lock when the holder dies (SIGKILL included), so no stale lock survives a crash."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self._file = open(self.path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "?"
+      self._file.close()
+      raise WorkdirInUseError(f"{workdir}: in use by another run (pid {holder}); wait for it "
+                              "or pass another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(str(os.getpid()))
+    self._file.flush()
+
+  def release(self) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+class History:
+  """<workdir>/history.jsonl: one line per epoch, appended as it happens (a crashed run
+  keeps its curve); on resume, lines past the restored epoch are dropped (they re-run)."""
+
+  def __init__(self, workdir: str, restored_epoch: int):
+    self.path = history_path(workdir)
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+          if record.get("epoch", 0) <= restored_epoch:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    with open(self.path, "w") as f:
+      f.writelines(kept)
+
+  def append(self, record: dict) -> None:
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    except OSError as e:
+      raise WorkdirWriteError(f"{self.path}: cannot append epoch {record.get('epoch')} "
+                              f"({e.strerror}); free space and rerun to resume") from e
+
+
+def write_result(workdir: str, result: dict) -> None:
+  """metrics.json and the learning curves next to it."""
+  with open(metrics_path(workdir), "w") as f:
+    json.dump(result, f, indent=2, default=str)
+  write_curves(workdir, result)
+
+
+def write_curves(workdir: str, result: dict) -> None:
+  """<workdir>/learning_curves.{csv,png} from a run's result; any failure (matplotlib
+  missing, a full disk, ...) is one logged note, never an exception: the run has finished."""
+  history = result.get("history") or []
+  csv_path, png_path = curves_paths(workdir)
+  try:
+    curves.write_csv(csv_path, history)
+    config = result.get("config") or {}
+    title = (f"{config.get('model', '?')}, alignment {config.get('alignment', '?')}, on "
+             f"{(result.get('data') or {}).get('name', '?')}: best epoch "
+             f"{result.get('best_epoch')} of {result.get('epochs')}")
+    curves.plot(png_path, history, result.get("best_epoch"), title)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("note: learning curves not written (%s: %s)", type(e).__name__,
+                    str(e).strip().splitlines()[0] if str(e).strip() else "")
+
+
+# ------------------------------------------------------------------------- reading back
 class RunFolderError(ConfigError):
   """A --workdir or tool flag these tools cannot use; the message says what to do."""
 
@@ -37,7 +170,7 @@ class RunFolderError(ConfigError):
 class Run(NamedTuple):
   workdir: str
   metrics: dict                      # metrics.json as written by train_and_evaluate
-  experiment: train.Experiment       # config, backbone, static inputs, ... (train.py)
+  experiment: Any                    # train.Experiment: config, backbone, static inputs, ...
   data: dataset_lib.Dataset
   params: Any                        # the best-validation parameters {"backbone", "alignment"}
   model_state: Any                   # the backbone's non-trainable state for `represent`
@@ -56,7 +189,7 @@ def read_metrics(workdir: str) -> dict:
   if not os.path.isdir(workdir):
     raise RunFolderError(f"{workdir}: no such run folder (pass the --workdir of a finished "
                          "`python run.py` run)")
-  path = os.path.join(workdir, "metrics.json")
+  path = metrics_path(workdir)
   if not os.path.exists(path):
     raise RunFolderError(f"{path}: not found; the run has not finished (rerun `python run.py "
                          f"--workdir={workdir}` with its config to resume and finish it)")
@@ -102,8 +235,11 @@ def load_run_data(metrics: dict, config: ml_collections.ConfigDict, workdir: str
 def load_run(workdir: str, data_path: Optional[str] = None) -> Run:
   """Reopens a finished run: config and data from metrics.json, the backbone assembled as
   in training (`train.create_train_state`), the best checkpoint's parameters."""
+  # Imported here: training writes run folders through this module.
+  from fettle_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
   metrics = read_metrics(workdir)
-  best = os.path.join(workdir, "checkpoints", "best")
+  best = best_checkpoint_dir(workdir)
   if not os.path.isdir(best) or not any(name.isdigit() for name in os.listdir(best)):
     raise RunFolderError(f"{best}: no best checkpoint (the run trained no epoch, or its "
                          "checkpoints were removed)")

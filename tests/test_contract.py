@@ -15,6 +15,7 @@ from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import layers
 from fettle_jax import losses
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import ConfigError
 from fettle_jax.types import Representations
 from tests.conftest import tiny_config
@@ -102,7 +103,7 @@ def test_epoch_hook_state_compiles_once_and_resumes_exactly(tiny_mmrec, tmp_path
 def test_history_drops_epochs_past_the_restored_checkpoint(tmp_path):
   path = tmp_path / "history.jsonl"
   path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, 6)) + '{"epo')
-  history = train.History(str(tmp_path), restored_epoch=3)
+  history = workdir_lib.History(str(tmp_path), restored_epoch=3)
   history.append({"epoch": 4})
   assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
 

@@ -10,6 +10,7 @@ import pytest
 
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.errors import WorkdirInUseError
 from tests.conftest import ROOT, load_script, subprocess_env, tiny_config
 
@@ -33,7 +34,7 @@ def restore_latest(config, workdir):
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec, tmp_path,
-                                                                     capsys):
+                                                                     caplog):
   full = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), str(tmp_path / "full"))
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(fettle_config(tiny_mmrec, 3), workdir)
@@ -42,27 +43,35 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tiny_mmrec,
     if os.path.isfile(file):
       with open(file, "wb") as f:  # a torn write: garbage where the arrays were
         f.write(b"\x00garbage")
-  capsys.readouterr()
+  caplog.clear()
   _, loop = restore_latest(fettle_config(tiny_mmrec, 5), workdir)
   assert loop["epoch"] == 2
-  assert "checkpoint of epoch 3 is unreadable" in capsys.readouterr().out
+  assert any("checkpoint of epoch 3 is unreadable" in r.getMessage() for r in caplog.records)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2"]
   resumed = train.train_and_evaluate(fettle_config(tiny_mmrec, 5), workdir)
   assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
 
 
+def disk_config(path, max_epochs):
+  """Tables of 10 KB each: a checkpoint's arrays exceed the test's 4000-byte file limit
+  however well they compress, while history lines stay far below it."""
+  config = fettle_config(path, max_epochs)
+  config.embedding_size = 64
+  return config
+
+
 def test_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(tiny_mmrec, tmp_path):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  train.train_and_evaluate(disk_config(tiny_mmrec, 2), workdir)
   code = f"""
 import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))  # history lines fit, arrays do not
-from tests.test_faults import fettle_config
+from tests.test_faults import disk_config
 from fettle_jax import train
 from fettle_jax.errors import REPORTED_ERRORS
 try:
-  train.train_and_evaluate(fettle_config({tiny_mmrec!r}, 4), {workdir!r})
+  train.train_and_evaluate(disk_config({tiny_mmrec!r}, 4), {workdir!r})
 except REPORTED_ERRORS as e:
   print("error:", e)
 """
@@ -71,32 +80,48 @@ except REPORTED_ERRORS as e:
   lines = out.stdout.strip().splitlines()
   assert lines and lines[-1].startswith("error: epoch 3: could not write the checkpoint"), (
       out.stdout + out.stderr)
-  _, loop = restore_latest(fettle_config(tiny_mmrec, 4), workdir)
+  _, loop = restore_latest(disk_config(tiny_mmrec, 4), workdir)
   assert loop["epoch"] == 2  # the previous checkpoint is intact
-  assert train.train_and_evaluate(fettle_config(tiny_mmrec, 4), workdir)["epochs"] == 4
+  assert train.train_and_evaluate(disk_config(tiny_mmrec, 4), workdir)["epochs"] == 4
 
 
 def test_a_second_process_on_the_same_workdir_is_refused(tiny_mmrec, tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
-  holder = train.WorkdirLock(workdir)  # another live run
+  holder = workdir_lib.WorkdirLock(workdir)  # another live run
   with pytest.raises(WorkdirInUseError, match=f"in use by another run .pid {os.getpid()}"):
     train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)
   holder.release()
   assert train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)["epochs"] == 1
 
 
-def test_nan_loss_names_the_epoch_and_leaves_the_last_checkpoint_usable(tiny_mmrec, tmp_path):
+def test_nan_loss_stops_the_run_with_its_best_epoch_and_a_usable_checkpoint(tiny_mmrec,
+                                                                          tmp_path, caplog):
+  """The NaN policy (train.train_loop): a non-finite epoch loss stops the run there; the
+  result is its best validation epoch, metrics.json says why it stopped, and the diverged
+  state is never checkpointed."""
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
-  diverging = fettle_config(tiny_mmrec, 4)
+  before = train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  diverging = fettle_config(tiny_mmrec, 6)
   diverging.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match=r"epoch \d+: loss is .*last checkpoint: epoch"):
-    train.train_and_evaluate(diverging, workdir)
-  state, loop = restore_latest(fettle_config(tiny_mmrec, 4), workdir)
+  caplog.set_level(logging.WARNING)
+  result = train.train_and_evaluate(diverging, workdir)
+  stopped = int(result["stop"].split()[-1])
+  assert result["stop"] == f"non-finite loss at epoch {stopped}" and 3 <= stopped <= 6
+  assert result["epochs"] == stopped and result["best_epoch"] < stopped
+  assert not np.isfinite(result["history"][-1]["loss"])
+  assert "valid_recall@20" not in result["history"][-1]  # a diverged state is not validated
+  if result["best_epoch"] <= 2:
+    assert result["test"] == before["test"]
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    assert json.load(f)["stop"] == result["stop"]
+  assert any(f"at epoch {stopped}: stopped" in r.getMessage() for r in caplog.records)
+  state, loop = restore_latest(fettle_config(tiny_mmrec, 6), workdir)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in
              __import__("jax").tree_util.tree_leaves(state.params))
-  assert loop["epoch"] >= 2
+  assert 2 <= loop["epoch"] < stopped
 
 
 def test_kill_loop_resumes_to_identical_metrics(tiny_mmrec, tmp_path):

@@ -1,7 +1,6 @@
 """fettle_jax/grid.py: settings trained side by side in one vmapped program equal the
 sequential runs of the same settings; per-setting early stopping; resume; one-line errors."""
 
-import functools
 import json
 import os
 
@@ -22,8 +21,8 @@ METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 def assert_same_run(got, want, atol):
   assert (got["best_epoch"], got["epochs"]) == (want["best_epoch"], want["epochs"])
   for key in ("loss", "valid_recall@20"):
-    np.testing.assert_allclose([h[key] for h in got["history"]],
-                               [h[key] for h in want["history"]], atol=atol, rtol=0)
+    np.testing.assert_allclose([h.get(key, np.nan) for h in got["history"]],
+                               [h.get(key, np.nan) for h in want["history"]], atol=atol, rtol=0)
   for split in ("valid", "test"):
     np.testing.assert_allclose([got[split][m] for m in METRICS],
                                [want[split][m] for m in METRICS], atol=atol, rtol=0)
@@ -63,13 +62,13 @@ def test_grid_equals_sequential_runs_and_stops_each_setting_on_its_own(tiny_mmre
   assert results[0]["history"] != results[1]["history"]
 
 
-def test_fettle_under_the_grid_vmap_chooses_one_bucket_and_equals_each_setting(monkeypatch):
-  """Two settings whose batches hold different numbers of unique items: under the grid's
-  named vmap the prefix bucket is chosen jointly (a real `cond`, not a select that runs
-  every branch), and each setting's loss and gradients equal its own unvmapped ones."""
+def test_fettle_under_the_grid_vmap_equals_each_setting(monkeypatch):
+  """Two settings whose batches hold different numbers of unique items (alone they take
+  different prefix buckets): under the grid's plain vmap over settings each setting's loss
+  and gradients equal its own unvmapped ones."""
   from test_alignment import make_config, make_problem  # pylint: disable=g-import-not-at-top
   from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
-  # 5 and 4 unique items: alone they take branches 9 and 4, together both take 9.
+  # 5 and 4 unique items: alone they take branches 9 and 4.
   monkeypatch.setattr(fettle, "bucket_sizes", lambda capacity: [2, 4, 9])
   problems = [make_problem(seed=6), make_problem(seed=7)]
   assert [len(set(np.asarray(p[3].pos_items).tolist())) for p in problems] == [5, 4]
@@ -77,22 +76,48 @@ def test_fettle_under_the_grid_vmap_chooses_one_bucket_and_equals_each_setting(m
   cfg = make_config()
   params = [fettle.init(jax.random.PRNGKey(i), problems[0][0], cfg) for i in range(2)]
 
-  def loss(p, reps, batch, config):
-    return fettle.loss(p, reps, features, batch, None, config)[0]
+  def loss(p, reps, batch):
+    return fettle.loss(p, reps, features, batch, None, cfg)[0]
 
-  each_fn = jax.jit(jax.value_and_grad(functools.partial(loss, config=cfg), argnums=(0, 1)))
+  each_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   each = [each_fn(params[i], problems[i][1], problems[i][3]) for i in range(2)]
   stacked = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
-  joint = cfg.copy_and_resolve_references()
-  joint.grid_axis = grid.GRID_AXIS
-  vmapped = jax.vmap(jax.value_and_grad(functools.partial(loss, config=joint), argnums=(0, 1)),
-                     axis_name=grid.GRID_AXIS)
+  vmapped = jax.vmap(jax.value_and_grad(loss, argnums=(0, 1)))
   args = (stacked(params), stacked([p[1] for p in problems]), stacked([p[3] for p in problems]))
   together = jax.jit(vmapped)(*args)
   for i in range(2):
     chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], together), each[i],
                                 atol=1e-5, rtol=1e-5)
-  assert "cond[" in str(jax.make_jaxpr(vmapped)(*args))
+
+
+def test_a_diverging_setting_stops_alone_under_the_one_nan_policy(tiny_mmrec, tmp_path):
+  """train.train_loop's NaN policy in a grid: the setting whose loss is not finite stops
+  with its best validation epoch and says why; the other trains on to max_epochs."""
+  config = tiny_config(tiny_mmrec, model="bpr")
+  config.max_epochs, config.patience = 4, 100
+  settings = grid.grid_settings({"learning_rate": (1e-2, 1e30)}, seeds=(0,))
+  fine, diverged = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  assert (fine["epochs"], fine["stop"]) == (4, "max_epochs")
+  stopped = int(diverged["stop"].split()[-1])
+  assert diverged["stop"] == f"non-finite loss at epoch {stopped}"
+  assert diverged["epochs"] == stopped < 4 and diverged["best_epoch"] < stopped
+  assert all(np.isfinite(h["loss"]) for h in fine["history"])
+
+
+def test_grid_selecting_on_a_sample_of_validation_users_equals_sequential_runs(tiny_mmrec,
+                                                                              tmp_path):
+  """config.valid_users_sample in a grid: every setting selects on the same sample, then
+  its selected parameters are measured on every user, as a single run's are."""
+  config = tiny_config(tiny_mmrec, model="bpr")
+  config.max_epochs, config.valid_users_sample, config.eval_every = 3, 12, 2
+  settings = grid.grid_settings({"learning_rate": (1e-2, 3e-2)}, seeds=(0,))
+  results = grid.train_grid(config, settings, str(tmp_path / "grid"))
+  for setting, got in zip(settings, results):
+    want = train.train_and_evaluate(grid.concrete_config(config, setting),
+                                    str(tmp_path / "sequential" / grid.setting_name(setting)))
+    assert got["selection_metric"] == want["selection_metric"]
+    assert [h["epoch"] for h in got["history"] if "valid_recall@20" in h] == [2, 3]
+    assert_same_run(got, want, atol=1e-5)
 
 
 def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ import pytest
 from data_pipeline import dataset as dataset_lib
 from data_pipeline import mmrec_writer
 from fettle_jax import checkpoint as checkpoint_lib
-from fettle_jax import curves
 from fettle_jax import export
 from fettle_jax import recommend
 from fettle_jax import train
@@ -188,7 +187,7 @@ def test_export_writes_the_best_representations(trained, tmp_path, capsys):
   assert "u_id_mapping.csv" in readme
 
 
-def test_learning_curves_png_and_csv(trained, tmp_path, capsys):
+def test_learning_curves_png_and_csv(trained, tmp_path, caplog):
   workdir = trained["workdir"]
   with open(os.path.join(workdir, "learning_curves.png"), "rb") as f:
     png = f.read()
@@ -200,9 +199,10 @@ def test_learning_curves_png_and_csv(trained, tmp_path, capsys):
   for row, record in zip(rows, history):
     assert {k: float(v) for k, v in row.items()} == {k: float(record[k]) for k in header}
   # A plotting failure is one note, never an exception.
-  curves.save(str(tmp_path / "no" / "such" / "dir"), trained["result"])
-  out = capsys.readouterr().out.strip().splitlines()
-  assert len(out) == 1 and out[0].startswith("note: learning curves not written")
+  caplog.clear()
+  workdir_lib.write_curves(str(tmp_path / "no" / "such" / "dir"), trained["result"])
+  notes = [record.getMessage() for record in caplog.records]
+  assert len(notes) == 1 and notes[0].startswith("note: learning curves not written")
 
 
 def test_fig1_false_positives_of_a_finished_run(trained, run, tmp_path, capsys):

@@ -156,3 +156,23 @@ def test_row_block_propagation_equals_one_device(mesh_shape, chunk):
     graphs.ROW_BLOCK_CHUNK = original
   np.testing.assert_allclose(value, expected_value, rtol=1e-5)
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_grid_on_a_2x4_mesh_matches_one_device(tiny_mmrec, tmp_path):
+  """A grid trains on the run's mesh: each setting's slice of the stacked state is split as
+  a single run's (tables over 'model', batches over 'data'; LightGCN's row-block
+  propagation and the sharded ranking under the settings' vmap)."""
+  from fettle_jax import grid  # pylint: disable=g-import-not-at-top
+  settings = grid.grid_settings({"learning_rate": (1e-2, 3e-2)}, seeds=(0,))
+  results = {}
+  for mesh in [(1, 1), (2, 4)]:
+    config = mesh_config(tiny_mmrec, "lightgcn", "none", mesh)
+    config.max_epochs = 3
+    results[mesh] = grid.train_grid(config, settings, str(tmp_path / f"{mesh[0]}x{mesh[1]}"))
+  for got, want in zip(results[(2, 4)], results[(1, 1)]):
+    assert got["mesh"]["model"] == 4 and got["best_epoch"] == want["best_epoch"]
+    np.testing.assert_allclose([h["loss"] for h in got["history"]],
+                               [h["loss"] for h in want["history"]], rtol=1e-5)
+    for split in ("valid", "test"):
+      for name, value in want[split].items():
+        np.testing.assert_allclose(got[split][name], value, atol=1e-4, err_msg=name)

@@ -3,6 +3,7 @@ mesh resumes on another to the same metrics."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_two_processes_match_one_process_with_eight_devices(tiny_mmrec, tmp_path
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-  assert "epoch    2" in outputs[0] and "epoch    2" not in outputs[1]  # process 0 prints
+  assert "epoch 2/2 |" in outputs[0] and "epoch 2/2" not in outputs[1]  # process 0 reports
   two = json.loads((workdir / "metrics.json").read_text())
   assert two["mesh"] == {"data": 8, "model": 1, "processes": 2}
 
@@ -98,8 +99,8 @@ def test_a_dead_process_ends_the_other_with_one_error_line(tiny_mmrec, tmp_path)
        "--num_processes=2", f"--process_id={i}", "--distributed_timeout=5",
        "--compilation_cache=none"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for line in processes[0].stdout:  # training has started on both
-    if line.startswith("epoch    3"):
+  for line in processes[0].stderr:  # training has started on both (absl logs to stderr)
+    if re.search(r"\] epoch +3/", line):
       break
   processes[1].kill()  # its training child dies with it
   _, stderr = processes[0].communicate(timeout=120)
