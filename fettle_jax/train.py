@@ -83,7 +83,7 @@ def enable_compilation_cache(path: str = None, traced_programs: bool = False) ->
   the library traces by default). Must run before the first compilation in the process.
   """
   path = path or os.path.join(wheels.cache_root(), "xla")
-  os.makedirs(path, exist_ok=True)
+  programs.private_directory(path)  # compiled machine code: private unless the user chose it
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
