@@ -120,8 +120,7 @@ def test_one_copy_of_the_features_on_device(tiny_mmrec):
 
 def test_run_py_input_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
   import run  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.FLAGS(["run.py"])
+  run.parse_command_line(["run.py"])  # the default config, as `python run.py` reads it
 
   def config_problem(config, workdir):
     raise ConfigError("config.batch_size must be positive, got 0")

@@ -241,8 +241,8 @@ def test_run_py_sweep_and_seeds_train_one_grid_and_print_its_table(monkeypatch, 
     return [fake_result(0.1 * (i + 1), 0.2) for i in range(len(settings))]
 
   monkeypatch.setattr(run.grid, "train_grid", fake_train_grid)
-  flags.FLAGS(["run.py", "--sweep=bm3.weight=0.1,1", "--grid_seeds=3,4", "--grid_chunk=2",
-               f"--workdir={tmp_path}", "--compilation_cache=none"])
+  run.parse_command_line(["run.py", "--sweep=bm3.weight=0.1,1", "--grid_seeds=3,4",
+                          "--grid_chunk=2", f"--workdir={tmp_path}", "--compilation_cache=none"])
   try:
     run.main(["run.py"])
   finally:
