@@ -147,14 +147,14 @@ def test_fast_path_equals_reference(case, monkeypatch):
     assert any(taken) and not all(taken), taken
 
 
-# make_problem(seed=6): 5 unique items in 9 slots and 9 distinct users of 10. Each set of
+# make_problem(seed=6): 5 unique items in 9 slots and 7 distinct users of 10. Each set of
 # hints sends the batch to a different one of up to three branches.
 BRANCHES = {
     "common": dict(typical_batch_items=7, typical_batch_users=10, common_batch_items=5,
                    common_batch_users=9),
-    # The common branch holds the items, too few users (8 < 9): on to the typical one.
+    # The common branch holds the items, too few users (6 < 7): on to the typical one.
     "typical": dict(typical_batch_items=6, typical_batch_users=10, common_batch_items=5,
-                    common_batch_users=8),
+                    common_batch_users=6),
     "whole_buffer": dict(typical_batch_items=4, typical_batch_users=10, common_batch_items=3,
                          common_batch_users=9),
 }
@@ -174,9 +174,12 @@ def test_joint_branch_under_vmap_equals_reference_per_example():
   """vmapped over batches (as a grid vmaps settings) the fast path runs one branch, the
   one that holds every batch's rows, and each batch's terms still equal the reference's."""
   data_info, reps, features, _ = make_problem(seed=6)
-  batches = [make_problem(seed=s)[3] for s in (6, 10)]
   cfg = with_hints(make_config(), typical_batch_items=6, typical_batch_users=10,
                    common_batch_items=4, common_batch_users=9)
+  # Alone, the batches take different branches (5 and 4 unique items): typical and common.
+  alone = [taken_branch(make_problem(seed=s), cfg)[:2] for s in (6, 7)]
+  assert [ladder.index(chosen) for chosen, ladder in alone] == [1, 0]
+  batches = [make_problem(seed=s)[3] for s in (6, 7)]
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
   stacked = jax.tree_util.tree_map(lambda *b: jnp.stack(b), *batches)
 
