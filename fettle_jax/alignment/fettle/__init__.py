@@ -18,20 +18,26 @@ ID (`reps.items`). Everything is written for any |M|; with |M| < 2 the item-leve
 paper is ambiguous are listed in `equations.py`.
 """
 
+import importlib
+import itertools
+from types import ModuleType
 from typing import Dict, Tuple
 
 import jax
 import ml_collections
 
-from fettle_jax.alignment.fettle import equations, fast, shapes
 from fettle_jax.alignment.modalities import modality_names
 from fettle_jax.errors import ConfigError
 from fettle_jax.layers import init_feature_projectors, init_linear, xavier_uniform
 from fettle_jax.types import Array, Batch, DataInfo, Params, Representations
 
-IMPLEMENTATIONS = {"fast": fast, "reference": equations}
-fit_static_shapes = shapes.fit_static_shapes  # train.py's hook: speed-only sizes from the data
-TERMS = equations.TERMS
+# config.fettle.implementation -> its module. Submodules are imported on use: each imports
+# its parent package, so the package does not import them at module level (no cycle).
+IMPLEMENTATIONS = {"fast": "fast", "reference": "equations"}
+
+
+def _submodule(name: str) -> ModuleType:
+  return importlib.import_module(f"{__name__}.{name}")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -67,7 +73,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 def default_shape_hints() -> ml_collections.ConfigDict:
   """`config.fettle_shapes`: the fast path's static branch sizes (speed only, `shapes.py`)."""
-  return shapes.default_shape_hints()
+  return _submodule("shapes").default_shape_hints()
+
+
+def fit_static_shapes(config, train_pairs, n_users: int, n_items: int):
+  """train.py's hook: the speed-only branch sizes from the data (`shapes.fit_static_shapes`)."""
+  return _submodule("shapes").fit_static_shapes(config, train_pairs, n_users, n_items)
 
 
 def init_residual_ffn(rng: Array, dim: int, hidden: int) -> dict:
@@ -81,11 +92,11 @@ def init(rng: Array, data_info: DataInfo, config) -> Params:
   cfg, dim = config.fettle, config.embedding_size
   names = modality_names(data_info.feature_dims)
   r_proj, r_ffn, r_item, r_user = jax.random.split(rng, 4)
-  pairs = equations.ordered_pairs(len(names))
+  pairs = list(itertools.permutations(range(len(names)), 2))  # every direction m -> n
   ffn_rngs = jax.random.split(r_ffn, max(len(pairs), 1))
   return {
       "projectors": init_feature_projectors(r_proj, data_info.feature_dims, dim),
-      "alignment_ffn": {equations.direction_name(names, m, n):
+      "alignment_ffn": {f"{names[m]}->{names[n]}":  # equations.direction_name
                         init_residual_ffn(r, dim, cfg.projector_hidden)
                         for (m, n), r in zip(pairs, ffn_rngs)},
       # Free parameters; columns are L2-normalized where used (cosines, Eq. 7-9).
@@ -106,9 +117,9 @@ def check_config(cfg) -> None:
       raise ConfigError(f"fettle.{field} must be one of {values}, got {value!r}")
 
 
-def implementation(cfg):
+def implementation(cfg) -> ModuleType:
   """The module that computes the loss: `fast` or `equations` (the reference)."""
-  return IMPLEMENTATIONS[cfg.get("implementation", "fast")]
+  return _submodule(IMPLEMENTATIONS[cfg.get("implementation", "fast")])
 
 
 def loss(params: Params, reps: Representations, features: Dict[str, Array], batch: Batch,
