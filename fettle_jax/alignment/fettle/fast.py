@@ -277,7 +277,7 @@ def item_level_queries(inputs: TermInputs, index: TermIndex, layout: TermLayout,
                        cfg) -> DirectionQueries:
   """The directions (Eq. 5) and aligned embeddings i^{m->n} (Eq. 3) that ILA and DT share."""
   directions = equations.alignment_directions(index.scores, index.valid, cfg.directions,
-                                    cfg.bidirectional_threshold)
+                                              cfg.bidirectional_threshold)
   return direction_queries(inputs.ffn, inputs.embeddings, directions, layout.names,
                            both_ways=not bidirectional_off(cfg.bidirectional_threshold))
 
