@@ -63,6 +63,10 @@ def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
     config[name] = importlib.import_module(f"fettle_jax.backbones.{name}").default_config()
   for name in ALIGNMENTS:
     config[name] = importlib.import_module(f"fettle_jax.alignment.{name}").default_config()
+  # Speed only: the static branch sizes of FETTLE's fast path (0 = from the data, before
+  # compiling); any values give the same results (fettle_jax/alignment/fettle/shapes.py).
+  config.fettle_shapes = importlib.import_module(
+      "fettle_jax.alignment.fettle").default_shape_hints()
   return config
 
 

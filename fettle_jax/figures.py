@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from fettle_jax.alignment import fettle
+from fettle_jax.alignment.fettle import equations
 
 
 def _cosine(x: np.ndarray) -> np.ndarray:
@@ -197,10 +197,9 @@ def feedback_scores(users: np.ndarray, item_modalities: np.ndarray,
   n_items = item_modalities.shape[0]
   pair_users, pair_items = np.asarray(train_pairs).T
   counts = np.bincount(pair_items, minlength=n_items)
-  every_item = fettle.BatchItems(ids=np.arange(n_items), inverse=pair_items, counts=counts,
-                                 valid=counts > 0)
-  scores, _ = fettle.estimated_feedback(jnp.asarray(users)[pair_users],
-                                        jnp.asarray(item_modalities), every_item)
+  scores = equations.estimated_feedback(jnp.asarray(users)[pair_users],
+                                        jnp.asarray(item_modalities), jnp.asarray(pair_items),
+                                        jnp.asarray(counts))
   return np.asarray(scores)
 
 

@@ -21,9 +21,12 @@ leave (a bound for this code's work here). A `skeleton` row: the products, exps 
 Sinkhorn rounds of CLA's code sets alone at the batch's shapes (`cla_skeleton`), timed in
 the same alternating rounds as the steps, plus the other terms' FLOPs at the matmul rate:
 the ratio if nothing else in FETTLE cost time.
+`--implementations=fast,reference` adds a row `fettle@reference`: FETTLE's reference
+implementation (fettle_jax/alignment/fettle/equations.py, `config.fettle.implementation`)
+timed in the same alternating rounds as the default path (the row `fettle`).
 `--json=FILE` writes every number.
 
-`--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's
+`--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's single-file
 fettle_jax/alignment/fettle.py (e.g. `git worktree add /tmp/before <commit>`), loaded as
 its own module (the rest of the code is this tree's) and timed in the same process and
 the same alternating rounds, so a before/after comparison shares the machine's state.
@@ -50,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
-from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
+from fettle_jax.alignment.fettle import fast, shapes  # pylint: disable=g-import-not-at-top
 from fettle_jax import alignment as alignment_lib  # pylint: disable=g-import-not-at-top
 from fettle_jax import sampling  # pylint: disable=g-import-not-at-top
 from fettle_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -65,6 +68,9 @@ _ALIGNMENTS = flags.DEFINE_list("alignments", ["none", "fettle"], "Variants; the
 _PROTOTYPES = flags.DEFINE_list(
     "prototypes", [], "Extra FETTLE rows at these P_ITV (P_UI = 2 P_ITV), e.g. 2560,640: "
     "how the cost scales with the codebooks.")
+_IMPLEMENTATIONS = flags.DEFINE_list(
+    "implementations", ["fast"], "FETTLE implementations to time: 'fast' (the row 'fettle', "
+    "the default path) and/or 'reference' (a row 'fettle@reference': equations.py).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds; the median step time is reported.")
 _TERMS = flags.DEFINE_bool("terms", True, "Per-term FLOPs / time / GFLOP/s table for FETTLE.")
@@ -133,21 +139,21 @@ def flops_of(compiled) -> float:
 def term_rows(data, backbone_name, entry):
   """Each enabled FETTLE term alone, forward + backward, on the branch its batch takes."""
   config, backbone = entry["config"], entry["backbone"]
-  cfg = config.fettle
+  cfg, hints = config.fettle, shapes.shape_hints(config)
   # Logical (unpadded) copies as jit outputs: replicated on every device under a mesh.
   state, train_data = entry["state"], jax.jit(entry["layout"].static.logical)(entry["data"])
-  shapes = entry["layout"].state.shapes.params
-  params = jax.jit(lambda p: sharding.slice_to_shapes(p, shapes))(state.params)
+  param_shapes = entry["layout"].state.shapes.params
+  params = jax.jit(lambda p: sharding.slice_to_shapes(p, param_shapes))(state.params)
   reps = jax.jit(lambda p, m, g: backbone.represent(p, m, g, config))(
       params["backbone"], state.model_state, train_data)
   batch = Batch(*(b[0] for b in entry["batches"]))
-  inputs, index, layout = fettle.prepare_terms(params["alignment"], reps, train_data.features,
-                                               batch, cfg)  # eager: the layout is static
+  inputs, index, layout = fast.prepare_terms(params["alignment"], reps, train_data.features,
+                                             batch, cfg, hints)  # eager: the layout is static
   n_items = int(np.sum(np.asarray(index.valid)))
   n_users = (inputs.users.shape[0] if index.user_counts is None
              else int(np.sum(np.asarray(index.user_counts) > 0)))
-  ladder = fettle.buckets(index.valid.shape[0], inputs.users.shape[0],
-                          *fettle.static_bucket_hints(cfg, index.user_counts is not None))
+  ladder = shapes.buckets(index.valid.shape[0], inputs.users.shape[0],
+                          *shapes.static_bucket_hints(hints, index.user_counts is not None))
   bucket = next(b for b in ladder if n_items <= b.items and n_users <= b.users)
   # The [n, P] code sets a term forms (L_ITV^CLA: each modality over the unique items;
   # L_UI^CLA: the unique users and the unique items).
@@ -155,10 +161,10 @@ def term_rows(data, backbone_name, entry):
                "cla_ui": [(bucket.users, cfg.prototypes_user),
                           (bucket.items, cfg.prototypes_user)]}
   rows = []
-  for name in fettle.enabled_terms(len(layout.names), cfg):
+  for name in fast.enabled_terms(len(layout.names), cfg):
     term = jax.jit(jax.value_and_grad(
-        lambda x, i, name=name: fettle.alignment_term(name, *fettle.bucket_prefix(x, i, bucket),
-                                                      layout, cfg)))
+        lambda x, i, name=name: fast.alignment_term(name, *fast.bucket_prefix(x, i, bucket),
+                                                    layout, cfg)))
     flops = flops_of(term.lower(inputs, index).compile())
     seconds = scanned_seconds(term, inputs, index)
     rows.append({"term": name, "flops": flops, "ms": seconds * 1e3,
@@ -200,7 +206,8 @@ def fettle_module(module):
 
 
 def build_step(data, backbone_name, variant):
-  """variant: an alignment name, 'fettle@P' for FETTLE with P_ITV = P, P_UI = 2P, or
+  """variant: an alignment name, 'fettle@P' for FETTLE with P_ITV = P, P_UI = 2P,
+  'fettle@reference' for FETTLE's reference implementation (equations.py), or
   'fettle@baseline' for --baseline's FETTLE."""
   config = importlib.import_module(f"configs.{backbone_name}_{_CONFIGS.value}").get_config()
   alignment_name, _, prototypes = variant.partition("@")
@@ -208,7 +215,9 @@ def build_step(data, backbone_name, variant):
   if prototypes == "baseline":
     with fettle_module(load_baseline_fettle(_BASELINE.value)):
       return build_step(data, backbone_name, alignment_name)
-  if prototypes:
+  if prototypes == "reference":
+    config.fettle.implementation = "reference"
+  elif prototypes:
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
   if _MESH.value:
     config.mesh.data, config.mesh.model = (int(n) for n in _MESH.value.split("x"))
@@ -351,6 +360,8 @@ def main(argv):
   best_rate = max(rates.values())
   for backbone_name in _BACKBONES.value:
     variants = _ALIGNMENTS.value + [f"fettle@{p}" for p in _PROTOTYPES.value]
+    if "reference" in _IMPLEMENTATIONS.value:
+      variants.append("fettle@reference")
     if _BASELINE.value:
       variants.append("fettle@baseline")
     entries = {v: build_step(data, backbone_name, v) for v in variants}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from fettle_jax.alignment import bm3, fettle, get_alignment, none
+from fettle_jax.alignment.fettle import equations, fast, fast_clusters, shapes
 from fettle_jax.types import Batch, DataInfo, ProjectedRows, Representations
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -245,19 +246,19 @@ def test_estimated_feedback_matches_per_item_average_over_batch_pairs():
   _, reps, _, batch = make_problem(backbone_modalities=("image", "text"))
   names = ["id", "image", "text"]
   tables = {"id": reps.items, **reps.modality_items}
-  items = fettle.unique_batch_items(batch.pos_items)
-  per_item = jnp.stack([tables[m][items.ids] for m in names], axis=1)
-  scores, _ = fettle.estimated_feedback(reps.users[batch.users], per_item, items)
+  ids, inverse, counts, valid = equations.unique_items(batch.pos_items)
+  per_item = jnp.stack([tables[m][ids] for m in names], axis=1)
+  scores = equations.estimated_feedback(reps.users[batch.users], per_item, inverse, counts)
   expected = np_feedback(np.asarray(reps.users, np.float64),
                          {m: np.asarray(t, np.float64) for m, t in tables.items()}, names,
                          np.asarray(batch.users), np.asarray(batch.pos_items))
   n_unique = len(expected)
-  assert int(items.valid.sum()) == n_unique and scores.shape == (16, 3)
-  chex.assert_trees_all_close(np.asarray(items.ids)[:n_unique], np.array(sorted(expected)))
+  assert int(valid.sum()) == n_unique and scores.shape == (16, 3)
+  chex.assert_trees_all_close(np.asarray(ids)[:n_unique], np.array(sorted(expected)))
   chex.assert_trees_all_close(scores[:n_unique], np.stack([expected[i] for i in sorted(expected)]),
                               **TOL)
   np.testing.assert_array_equal(np.asarray(scores[n_unique:]), 0.0)
-  np.testing.assert_array_equal(np.asarray(items.ids)[np.asarray(items.inverse)],
+  np.testing.assert_array_equal(np.asarray(ids)[np.asarray(inverse)],
                                 np.asarray(batch.pos_items))
 
 
@@ -272,7 +273,7 @@ def test_pairwise_directions_one_per_pair_with_deterministic_ties(n_modalities):
   rng = np.random.default_rng(1)
   scores = rng.integers(0, 3, size=(40, n_modalities)).astype(np.float32)  # many exact ties
   valid = np.arange(40) < 35
-  mask = fettle.pairwise_directions(jnp.asarray(scores), jnp.asarray(valid))
+  mask = equations.alignment_directions(jnp.asarray(scores), jnp.asarray(valid), "pairwise")
   sets = _direction_sets(mask)
   for i in range(40):
     if not valid[i]:
@@ -282,7 +283,7 @@ def test_pairwise_directions_one_per_pair_with_deterministic_ties(n_modalities):
     assert sets[i] == np_directions(scores[i])
     for m, n in itertools.combinations(range(n_modalities), 2):
       assert ((m, n) in sets[i]) != ((n, m) in sets[i])  # exactly one direction per pair
-  tied = fettle.pairwise_directions(jnp.zeros((1, 3)), jnp.ones((1,), bool))
+  tied = equations.alignment_directions(jnp.zeros((1, 3)), jnp.ones((1,), bool))
   assert _direction_sets(tied)[0] == {(0, 1), (0, 2), (1, 2)}  # all tied: ID->image->text
 
 
@@ -290,7 +291,7 @@ def test_pairwise_directions_one_per_pair_with_deterministic_ties(n_modalities):
 def test_topmost_directions_point_all_others_to_the_top_modality(n_modalities):
   rng = np.random.default_rng(2)
   scores = rng.integers(0, 3, size=(40, n_modalities)).astype(np.float32)
-  mask = fettle.topmost_directions(jnp.asarray(scores), jnp.ones((40,), bool))
+  mask = equations.alignment_directions(jnp.asarray(scores), jnp.ones((40,), bool), "topmost")
   for i, directions in enumerate(_direction_sets(mask)):
     assert len(directions) == n_modalities - 1
     assert directions == np_directions(scores[i], "topmost")
@@ -301,14 +302,15 @@ def test_bidirectional_threshold_adds_reverse_directions_for_high_scores(mode):
   rng = np.random.default_rng(3)
   scores = rng.normal(size=(50, 3)).astype(np.float32)
   threshold = 0.1
-  mask = fettle.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode, threshold)
+  mask = equations.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode,
+                                        threshold)
   sets = _direction_sets(mask)
   n_bidirectional = 0
   for i in range(50):
     assert sets[i] == np_directions(scores[i], mode, threshold)
     n_bidirectional += any((n, m) in sets[i] for (m, n) in sets[i])
   assert 0 < n_bidirectional < 50  # the threshold really splits the items
-  off = fettle.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode, -1.0)
+  off = equations.alignment_directions(jnp.asarray(scores), jnp.ones((50,), bool), mode, -1.0)
   assert [np_directions(s, mode) for s in scores] == _direction_sets(off)
 
 
@@ -318,12 +320,12 @@ def test_bidirectional_threshold_adds_reverse_directions_for_high_scores(mode):
 def test_sinkhorn_matches_swav_reference_and_respects_mask():
   rng = np.random.default_rng(4)
   scores = np.tanh(rng.normal(size=(12, 7))).astype(np.float32)
-  codes = fettle.sinkhorn_knopp(jnp.asarray(scores), 3, 0.05)
+  codes = equations.sinkhorn_codes(jnp.asarray(scores), jnp.ones(12, bool), 3, 0.05)
   chex.assert_trees_all_close(codes, np_sinkhorn(scores.astype(np.float64), 3, 0.05), **TOL)
   # Padding rows (e.g. empty unique-item slots) get no mass and do not change real rows.
   padded = np.concatenate([scores, rng.normal(size=(5, 7)).astype(np.float32)])
   mask = np.arange(17) < 12
-  masked = fettle.sinkhorn_knopp(jnp.asarray(padded), 3, 0.05, jnp.asarray(mask))
+  masked = equations.sinkhorn_codes(jnp.asarray(padded), jnp.asarray(mask), 3, 0.05)
   chex.assert_trees_all_close(masked[:12], codes, **TOL)
   np.testing.assert_array_equal(np.asarray(masked[12:]), 0.0)
 
@@ -336,8 +338,8 @@ def test_sinkhorn_marginals(masked):
   mask = (np.arange(n) < 40) if masked else np.ones(n, bool)
   n_valid = int(mask.sum())
   for iterations in (3, 300):
-    codes = np.asarray(fettle.sinkhorn_knopp(jnp.asarray(scores), iterations, 0.2,
-                                             jnp.asarray(mask)))
+    codes = np.asarray(equations.sinkhorn_codes(jnp.asarray(scores), jnp.asarray(mask),
+                                                iterations, 0.2))
     assert np.all(np.isfinite(codes)) and np.all(codes >= 0)
     np.testing.assert_allclose(codes[mask].sum(axis=1), 1.0, atol=1e-5)  # each code sums to 1
     np.testing.assert_array_equal(codes[~mask], 0.0)
@@ -360,13 +362,16 @@ CASES = {
     # lambda_c = 2 eps: Sinkhorn's kernel is the prediction's exp squared (one exp pass).
     "cluster_temperature_twice_epsilon": dict(temperature_cluster=0.1),
     "cluster_temperature_not_a_multiple": dict(temperature_cluster=0.07),
+    "no_sinkhorn_round": dict(sinkhorn_iterations=0),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_fettle_terms_match_numpy_reference(case):
+def test_reference_terms_match_numpy_reference(case):
+  """The reference module (equations.py) against the NumPy loops; tests/
+  test_fettle_reference.py proves the fast path equal to it."""
   data_info, reps, features, batch = make_problem(seed=6)
-  cfg = make_config(**CASES[case])
+  cfg = make_config(implementation="reference", **CASES[case])
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
   total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
   expected_total, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
@@ -397,13 +402,15 @@ def test_users_as_unique_rows_where_a_user_branch_is_smaller_than_the_batch():
   assert n_distinct < 16
   params = fettle.init(jax.random.PRNGKey(0), data_info, make_config())
   expected_total, expected = np_fettle_terms(params, reps, features, batch, make_config().fettle)
-  for hints, unique in [({}, False), (dict(typical_batch_items=8, typical_batch_users=16), False),
+  for hint, unique in [({}, False), (dict(typical_batch_items=8, typical_batch_users=16), False),
                         (dict(typical_batch_items=8, typical_batch_users=n_distinct), True),
                         (dict(typical_batch_items=8, typical_batch_users=16,
                               common_batch_items=8, common_batch_users=n_distinct), True)]:
-    cfg = make_config(**hints)
-    _, index, _ = fettle.prepare_terms(params, reps, features, batch, cfg.fettle)
-    assert (index.user_counts is not None) == unique, hints
+    cfg = make_config()
+    cfg.fettle_shapes = shapes.default_shape_hints()
+    cfg.fettle_shapes.update(hint)
+    _, index, _ = fast.prepare_terms(params, reps, features, batch, cfg.fettle, cfg.fettle_shapes)
+    assert (index.user_counts is not None) == unique, hint
     total, terms = jitted_loss(fettle, cfg)(params, reps, features, batch)
     chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
     chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
@@ -415,30 +422,31 @@ def test_typical_bucket_from_data_is_exact_and_taken():
   cfg = make_config()
   pairs = np.stack([np.asarray(batch.users), np.asarray(batch.pos_items)], axis=1)
   cfg.batch_size = 16
-  fettle.fit_static_shapes(cfg, pairs, data_info.n_users, data_info.n_items)
+  cfg = fettle.fit_static_shapes(cfg, pairs, data_info.n_users, data_info.n_items)
+  hints = cfg.fettle_shapes
   n_items = len(set(np.asarray(batch.pos_items).tolist()))
   n_users = len(set(np.asarray(batch.users).tolist()))
-  assert cfg.fettle.typical_batch_items == min(9, -(-int(np.ceil(n_items * 1.02)) // 32) * 32)
-  assert cfg.fettle.typical_batch_users == min(10, -(-int(np.ceil(n_users * 1.02)) // 32) * 32)
+  assert hints.typical_batch_items == min(9, -(-int(np.ceil(n_items * 1.02)) // 32) * 32)
+  assert hints.typical_batch_users == min(10, -(-int(np.ceil(n_users * 1.02)) // 32) * 32)
   expected_total, _ = np_fettle_terms(fettle.init(jax.random.PRNGKey(0), data_info, cfg),
                                       reps, features, batch, cfg.fettle)
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
   # Every sample holds all 16 pairs: the median batch is the largest, no common branch.
-  assert (cfg.fettle.common_batch_items, cfg.fettle.common_batch_users) == (
-      cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users)
+  assert (hints.common_batch_items, hints.common_batch_users) == (
+      hints.typical_batch_items, hints.typical_batch_users)
   # First branch: too few item slots, exactly the batch's rows, too few user rows.
   for typical in [(3, n_users), (n_items, n_users), (8, n_users - 1)]:
-    cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = typical
-    ladder = fettle.buckets(9, 10, *typical, *typical)
+    hints.typical_batch_items, hints.typical_batch_users = typical
+    ladder = shapes.buckets(9, 10, *typical, *typical)
     assert ladder == [typical, (9, 10)]  # two branches: each is a compiled copy of every term
     total, _ = jitted_loss(fettle, cfg)(params, reps, features, batch)
     chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
   # A smaller common branch first: the batch fits it, or too few items / users send it on.
   assert n_items <= 8
-  cfg.fettle.typical_batch_items, cfg.fettle.typical_batch_users = 8, n_users
+  hints.typical_batch_items, hints.typical_batch_users = 8, n_users
   for common in [(n_items, n_users), (3, n_users), (n_items, n_users - 1)]:
-    cfg.fettle.common_batch_items, cfg.fettle.common_batch_users = common
-    ladder = fettle.buckets(9, 10, 8, n_users, *common)
+    hints.common_batch_items, hints.common_batch_users = common
+    ladder = shapes.buckets(9, 10, 8, n_users, *common)
     assert ladder == [common, (8, n_users), (9, 10)]
     total, _ = jitted_loss(fettle, cfg)(params, reps, features, batch)
     chex.assert_trees_all_close(total, np.float32(expected_total), **TOL)
@@ -446,7 +454,7 @@ def test_typical_bucket_from_data_is_exact_and_taken():
 
 def test_unique_items_fill_a_prefix_of_the_buffer():
   _, _, _, batch = make_problem(seed=6)
-  valid = np.asarray(fettle.unique_batch_items(batch.pos_items, 9).valid)
+  valid = np.asarray(fast.unique_batch_items(batch.pos_items, 9).valid)
   n_valid = int(valid.sum())
   assert 0 < n_valid < valid.size and valid[:n_valid].all() and not valid[n_valid:].any()
 
@@ -459,7 +467,7 @@ def test_unique_batch_items_equal_jnp_unique(batch_size, n_items):
   for trial in range(20):
     high = [1, 2, n_items][trial % 3]  # one id repeated, two ids, the whole catalogue
     items = jnp.asarray(rng.integers(0, high, batch_size), jnp.int32)
-    got = jax.jit(fettle.unique_batch_items, static_argnums=1)(items, n_items)
+    got = jax.jit(fast.unique_batch_items, static_argnums=1)(items, n_items)
     ids, inverse, counts = jnp.unique(items, size=min(batch_size, n_items),
                                       return_inverse=True, return_counts=True)
     for name, expected in (("ids", ids), ("inverse", inverse), ("counts", counts),
@@ -469,9 +477,9 @@ def test_unique_batch_items_equal_jnp_unique(batch_size, n_items):
 
 
 def test_bucket_sizes_are_static_and_end_at_capacity():
-  assert fettle.bucket_sizes(1682) == [448, 896, 1280, 1682]
-  assert fettle.bucket_sizes(2048) == [512, 1024, 1536, 2048]
-  assert fettle.bucket_sizes(9) == [9]
+  assert shapes.bucket_sizes(1682) == [448, 896, 1280, 1682]
+  assert shapes.bucket_sizes(2048) == [512, 1024, 1536, 2048]
+  assert shapes.bucket_sizes(9) == [9]
 
 
 # The batch of make_problem(seed=6) holds 5 unique items in 9 slots: each ladder picks a
@@ -488,7 +496,7 @@ def test_bucketed_item_terms_equal_reference_and_full_buffer_gradients(monkeypat
       lambda p, r: fettle.loss(p, r, features, batch, None, cfg), argnums=(0, 1),
       has_aux=True))(params, reps)
   _, full_grads = terms_and_grads()  # capacity 9 < 64: one bucket, no switch
-  monkeypatch.setattr(fettle, "bucket_sizes", lambda capacity: list(ladder))
+  monkeypatch.setattr(shapes, "bucket_sizes", lambda capacity: list(ladder))
   (_, terms), grads = terms_and_grads()
   _, expected = np_fettle_terms(params, reps, features, batch, cfg.fettle)
   chex.assert_trees_all_close(terms, {k: np.float32(v) for k, v in expected.items()}, **TOL)
@@ -612,8 +620,8 @@ def test_ila_split_by_majority_target_matches_per_row_reference(n_rows):
   @jax.jit
   def ila_value_and_grad(q, second):
     def ila(q):
-      directed = fettle.DirectionQueries(q, second, jnp.asarray(active), pairs)
-      return fettle.item_level_alignment_loss(directed, jnp.asarray(keys), jnp.asarray(positive),
+      directed = fast.DirectionQueries(q, second, jnp.asarray(active), pairs)
+      return fast.item_level_alignment_loss(directed, jnp.asarray(keys), jnp.asarray(positive),
                                               jnp.asarray(key_mask), jnp.asarray(valid),
                                               temperature)
     return jax.value_and_grad(ila)(q)
@@ -654,11 +662,11 @@ def test_gradient_is_of_the_weighted_total_and_its_weights():
   data_info, reps, features, batch = make_problem(seed=6)
   cfg = make_config()
   params = fettle.init(jax.random.PRNGKey(0), data_info, cfg)
-  inputs, index, layout = fettle.prepare_terms(params, reps, features, batch, cfg.fettle)
+  inputs, index, layout = fast.prepare_terms(params, reps, features, batch, cfg.fettle)
   weights = {"ila": 0.7, "dt": -0.2, "cla_itv": 1.3, "cla_ui": 0.4}
 
   def weighted(x, w):
-    return fettle.alignment_terms(x, index, layout, cfg.fettle, w)
+    return fast.alignment_terms(x, index, layout, cfg.fettle, w)
 
   (_, terms), (grad_x, grad_w) = jax.jit(jax.value_and_grad(weighted, argnums=(0, 1),
                                                             has_aux=True))(inputs, weights)
@@ -672,7 +680,7 @@ def test_gradient_is_of_the_weighted_total_and_its_weights():
   chex.assert_trees_all_close(grad_w, {t: terms[t] for t in weights}, **TOL)
   with pytest.raises(ValueError, match="per-term values carry no gradient"):  # when traced
     jax.jit(jax.grad(
-        lambda x: fettle.alignment_terms(x, index, layout, cfg.fettle, weights)[1]["ila"]))(
+        lambda x: fast.alignment_terms(x, index, layout, cfg.fettle, weights)[1]["ila"]))(
             inputs)
 
 
@@ -697,16 +705,16 @@ def test_cluster_codes_carry_no_gradient():
   codebook = jnp.asarray(rng.normal(size=(8, 13)), jnp.float32)
   t, n_iter, eps = 0.05, 3, 0.05
   actual = jax.jit(jax.grad(functools.partial(
-      fettle.user_cluster_alignment_loss, temperature=t, n_iterations=n_iter, epsilon=eps),
+      fast_clusters.user_cluster_alignment_loss, temperature=t, n_iterations=n_iter, epsilon=eps),
       argnums=(0, 1, 2)))(users, items, codebook)
 
   # Same loss with the codes computed outside as constants.
-  q_u = fettle.sinkhorn_knopp(fettle.prototype_scores(users, codebook), n_iter, eps)
-  q_i = fettle.sinkhorn_knopp(fettle.prototype_scores(items, codebook), n_iter, eps)
+  q_u = fast_clusters.sinkhorn_knopp(fast_clusters.prototype_scores(users, codebook), n_iter, eps)
+  q_i = fast_clusters.sinkhorn_knopp(fast_clusters.prototype_scores(items, codebook), n_iter, eps)
 
   def fixed_codes_loss(u, i, c, codes_u, codes_i):  # dense codes, plain log-softmax
-    log_p_u = jax.nn.log_softmax(fettle.prototype_scores(u, c) / t)
-    log_p_i = jax.nn.log_softmax(fettle.prototype_scores(i, c) / t)
+    log_p_u = jax.nn.log_softmax(fast_clusters.prototype_scores(u, c) / t)
+    log_p_i = jax.nn.log_softmax(fast_clusters.prototype_scores(i, c) / t)
     return jnp.mean(-jnp.sum(codes_i * log_p_u, axis=-1) - jnp.sum(codes_u * log_p_i, axis=-1))
 
   expected = jax.jit(jax.grad(fixed_codes_loss, argnums=(0, 1, 2)))(
@@ -714,8 +722,9 @@ def test_cluster_codes_carry_no_gradient():
   chex.assert_trees_all_close(actual, expected, **TOL)
   # The check has power: letting gradient through the codes changes it.
   through = jax.jit(jax.grad(lambda u, i, c: fixed_codes_loss(
-      u, i, c, fettle.sinkhorn_knopp(fettle.prototype_scores(u, c), n_iter, eps),
-      fettle.sinkhorn_knopp(fettle.prototype_scores(i, c), n_iter, eps)), argnums=0))(
+      u, i, c, fast_clusters.sinkhorn_knopp(fast_clusters.prototype_scores(u, c), n_iter, eps),
+      fast_clusters.sinkhorn_knopp(fast_clusters.prototype_scores(i, c), n_iter, eps)),
+      argnums=0))(
           users, items, codebook)
   assert np.abs(np.asarray(through) - np.asarray(actual[0])).max() > 1e-4
 
@@ -730,7 +739,7 @@ def test_item_cluster_targets_as_arrays_or_mixtures_agree(n_iterations, temperat
   valid = jnp.asarray(np.arange(12) < 9)
 
   def loss(dense):
-    return jax.jit(jax.value_and_grad(lambda e, c: fettle.item_cluster_alignment_loss(
+    return jax.jit(jax.value_and_grad(lambda e, c: fast_clusters.item_cluster_alignment_loss(
         e, c, valid, temperature, n_iterations, 0.05, dense_targets=dense), argnums=(0, 1)))(
             embeddings, codebook)
 
@@ -812,12 +821,12 @@ def test_default_config_fields():
       directions="pairwise", ila_negatives="batch", bidirectional_threshold=-1.0,
       feedback="dot", use_ila=True,
       use_dt=True, dt_similarity="cosine", use_cla=True, projector_hidden=64,
-      use_backbone_modalities=True, typical_batch_items=0, typical_batch_users=0,
-      common_batch_items=0, common_batch_users=0)
+      use_backbone_modalities=True, implementation="fast")
 
 
 @pytest.mark.parametrize("field,value", [("directions", "cyclic"), ("ila_negatives", "queue"),
-                                         ("dt_similarity", "l1"), ("feedback", "l2")])
+                                         ("dt_similarity", "l1"), ("feedback", "l2"),
+                                         ("implementation", "slow")])
 def test_invalid_config_values_are_rejected(field, value):
   data_info, reps, features, batch = make_problem()
   cfg = make_config(**{field: value})

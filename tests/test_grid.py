@@ -68,8 +68,9 @@ def test_fettle_under_the_grid_vmap_equals_each_setting(monkeypatch):
   and gradients equal its own unvmapped ones."""
   from test_alignment import make_config, make_problem  # pylint: disable=g-import-not-at-top
   from fettle_jax.alignment import fettle  # pylint: disable=g-import-not-at-top
-  # 5 and 4 unique items: alone they take branches 9 and 4.
-  monkeypatch.setattr(fettle, "bucket_sizes", lambda capacity: [2, 4, 9])
+  from fettle_jax.alignment.fettle import shapes  # pylint: disable=g-import-not-at-top
+  # 5 and 4 unique items: alone they take branches 9 and 4, together both take 9.
+  monkeypatch.setattr(shapes, "bucket_sizes", lambda capacity: [2, 4, 9])
   problems = [make_problem(seed=6), make_problem(seed=7)]
   assert [len(set(np.asarray(p[3].pos_items).tolist())) for p in problems] == [5, 4]
   features = problems[0][2]
