@@ -32,9 +32,6 @@ from fettle_jax.errors import ConfigError
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPOSITORY, "configs")
 FLAG = "config"
-# Fields the code sets, never a person: grid.py names the grid's vmap axis.
-INTERNAL_FIELDS = {"grid_axis": "it is set by --sweep / --grid_seeds"}
-
 
 class Override(NamedTuple):
   """One `--config.FIELD[=TEXT]` argument (TEXT None: a bare flag; negated: --noconfig.F)."""
@@ -283,9 +280,6 @@ def apply_override(config: ml_collections.ConfigDict, override: Override) -> Non
   section = section.rstrip(".")
   if name not in node:
     raise _unknown_field(config, override, section, name)
-  if override.field in INTERNAL_FIELDS:
-    raise ConfigError(f"--config.{override.field} cannot be set: "
-                      f"{INTERNAL_FIELDS[override.field]}")
   default = node[name]
   if isinstance(default, ml_collections.ConfigDict):
     raise ConfigError(f"--config.{override.field} is a section; set its fields, e.g. "
