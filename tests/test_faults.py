@@ -106,7 +106,7 @@ def test_nan_loss_stops_the_run_with_its_best_epoch_and_a_usable_checkpoint(tiny
   before = train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
   diverging = fettle_config(tiny_mmrec, 6)
   diverging.learning_rate = 1e30
-  caplog.set_level(logging.WARNING)
+  caplog.set_level(logging.WARNING, logger="absl")
   result = train.train_and_evaluate(diverging, workdir)
   stopped = int(result["stop"].split()[-1])
   assert result["stop"] == f"non-finite loss at epoch {stopped}" and 3 <= stopped <= 6

@@ -141,7 +141,7 @@ def test_epoch_line_format():
 
 def test_epoch_bar_only_on_a_terminal(caplog):
   from fettle_jax import progress  # pylint: disable=g-import-not-at-top
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # another test may have quieted absl
   assert progress.EpochBar(10, 0)._bar is None  # pylint: disable=protected-access  # captured stdout
   bar = progress.EpochBar(10, 2, enabled=True)
   bar.line("epoch 3/10 | ...", 3, "19/20 patience")
@@ -172,7 +172,7 @@ def test_eval_every_the_compile_line_and_tensorboard_scalars(tiny_mmrec, tmp_pat
   """Validation after every 2nd epoch and after the last; the compile line comes before the
   first epoch line; TensorBoard holds each epoch's losses and each pass's metrics."""
   pytest.importorskip("tensorboardX")
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # another test may have quieted absl
   config = tiny_config(tiny_mmrec)
   config.max_epochs, config.eval_every, config.tensorboard = 5, 2, True
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -258,7 +258,7 @@ def test_model_selection_on_a_sample_of_validation_users_tests_on_all(tiny_mmrec
 def test_tensorboard_without_tensorboardx_is_one_line(tmp_path, monkeypatch, caplog):
   from fettle_jax import progress  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` fails
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")  # another test may have quieted absl
   scalars = progress.Scalars(str(tmp_path / "tb"), enabled=True)
   scalars.epoch(1, [0.5, 0.25], {"recall@20": 0.1})  # a no-op, not an error
   scalars.close()
