@@ -278,7 +278,7 @@ def build_eval_data(data: dataset_lib.Dataset, config, layout) -> evaluation.Eva
   rounded up to a multiple of it), placed on the mesh."""
   eval_data = evaluation.build_eval_data(
       [data.valid, data.test],
-      evaluation.interaction_bitmask(data.train, data.n_users, data.n_items),
+      data.train,
       data.n_users, data.n_items, sharding.round_up(config.eval_batch_size, layout.data_size))
   return sharding.placement(eval_data, EVAL_RULES, layout.mesh).place(eval_data)
 
