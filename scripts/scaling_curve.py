@@ -102,3 +102,154 @@ def ensure_set(millions: float) -> str:
                                     _SEED.value)
     write_inter(folder, "scale", users, items, labels)
   return folder
+
+
+def scaled_batch(config, n_train: int, steps_per_epoch: int) -> None:
+  """Batch size n_train / steps_per_epoch (a multiple of 1024) and Adam's learning rate by
+  the square-root rule, lr = lr_0 * sqrt(B / B_0): an epoch keeps a fixed number of
+  full-graph propagations, so its cost grows linearly with the interactions."""
+  if steps_per_epoch <= 0:
+    return
+  batch = max(config.batch_size, -(-n_train // steps_per_epoch + 1023) // 1024 * 1024)
+  config.learning_rate = float(config.learning_rate * (batch / config.batch_size) ** 0.5)
+  config.batch_size = int(batch)
+
+
+def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) -> dict:
+  """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.data.path, config.data.prepare = data_dir, ""
+  for item in overrides:
+    name, value = item.split("=", 1)
+    target = config
+    *parents, leaf = name.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(
+        target[leaf], str) else value
+  out = {"config": config_name}
+  start = time.perf_counter()
+  data = train.load_data(config)
+  out["load_s"] = time.perf_counter() - start
+  out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
+             n_inter=len(data.train) + len(data.valid) + len(data.test))
+  scaled_batch(config, len(data.train), steps_per_epoch)
+  out.update(batch_size=config.batch_size, learning_rate=config.learning_rate)
+  start = time.perf_counter()
+  run = train.create_train_state(config, data)
+  eval_data = train.build_eval_data(data, run.config, run.layout)
+  jax.block_until_ready((run.state, run.static, eval_data))
+  out["host_s"] = time.perf_counter() - start
+  out["rss_after_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  del data
+  epoch = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
+                                 run.info, run.layout)
+  rng = jax.random.fold_in(run.train_rng, 1)
+  start = time.perf_counter()
+  compiled = epoch.lower(run.state, rng, run.static).compile()
+  out["compile_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  with jax.set_mesh(run.layout.mesh):
+    state, losses = compiled(run.state, rng, run.static)
+    jax.block_until_ready((state, losses))
+  out["epoch_s"] = time.perf_counter() - start
+  out["loss"] = float(jax.device_get(losses)[0])
+  evaluate = train.make_evaluate(run.backbone, run.config, run.layout)
+  start = time.perf_counter()
+  ranker = evaluate.lower(state.params, state.model_state, run.static, eval_data).compile()
+  out["rank_compile_s"] = time.perf_counter() - start
+  start = time.perf_counter()
+  with jax.set_mesh(run.layout.mesh):
+    metrics = jax.device_get(ranker(state.params, state.model_state, run.static, eval_data))
+  out["rank_s"] = time.perf_counter() - start
+  out["test_recall@20"] = float(metrics["recall@20"][1])
+  out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return out
+
+
+def fitted_slopes(rows, stages=STAGES + ("peak_rss_gib",)) -> dict:
+  """Least-squares slope of log(stage) against log(interactions), per stage (needs 2 sizes)."""
+  slopes = {}
+  for stage in stages:
+    points = [(r["n_inter"], r[stage]) for r in rows if r.get(stage, 0) > 0]
+    if len(points) >= 2:
+      x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+      slopes[stage] = float(np.polyfit(x, y, 1)[0])
+  return slopes
+
+
+def write_outputs(rows, out_dir: str) -> None:
+  """results.csv (one row per configuration and size), slopes.json, scaling.png."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = sorted({k for r in rows for k in r})
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  slopes = {c: fitted_slopes([r for r in rows if r["config"] == c])
+            for c in sorted({r["config"] for r in rows})}
+  with open(os.path.join(out_dir, "slopes.json"), "w") as f:
+    json.dump(slopes, f, indent=2)
+  fig, axes = plt.subplots(1, len(slopes), figsize=(6 * len(slopes), 4.5), squeeze=False)
+  for ax, (config, slope) in zip(axes[0], slopes.items()):
+    mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["n_inter"])
+    for stage in STAGES + ("peak_rss_gib",):
+      x = [r["n_inter"] for r in mine if r.get(stage, 0) > 0]
+      y = [r[stage] for r in mine if r.get(stage, 0) > 0]
+      label = f"{stage} (slope {slope[stage]:.2f})" if stage in slope else stage
+      ax.loglog(x, y, "o-", label=label)
+    ax.set_xlabel("interactions")
+    ax.set_ylabel("seconds (peak RSS: GiB)")
+    ax.set_title(config)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "scaling.png"), dpi=120)
+
+
+_STEPS = flags.DEFINE_integer("steps_per_epoch", 64, "Batch size = train interactions / this "
+                              "(square-root learning-rate rule); 0 keeps the config's.")
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    config_name, data_dir = _CHILD.value.split(",", 1)
+    print("RESULT " + json.dumps(measure(config_name, data_dir, _OVERRIDES.value,
+                                         _STEPS.value)), flush=True)
+    return
+  os.makedirs(_OUT.value, exist_ok=True)
+  rows = []
+  machine = f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+  for millions in (float(s) for s in _SIZES.value):
+    start = time.perf_counter()
+    folder = ensure_set(millions)
+    print(f"set {millions:g}M: {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if _GENERATE_ONLY.value:
+      continue
+    for config_name in _CONFIGS.value:
+      command = [sys.executable, os.path.abspath(__file__), f"--child={config_name},{folder}",
+                 f"--steps_per_epoch={_STEPS.value}", f"--overrides={','.join(_OVERRIDES.value)}"]
+      child = subprocess.run(command, capture_output=True, text=True, check=False)
+      lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+      if child.returncode or not lines:
+        print(f"{config_name} at {millions:g}M failed (exit {child.returncode}):\n"
+              f"{child.stderr[-2000:]}", flush=True)
+        continue
+      row = dict(json.loads(lines[-1][len("RESULT "):]), millions=millions, machine=machine)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      write_outputs(rows, _OUT.value)
+  if rows:
+    print(json.dumps({c: fitted_slopes([r for r in rows if r["config"] == c])
+                      for c in _CONFIGS.value}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
