@@ -3,7 +3,6 @@ references; losses, gradients, config errors and tiny end-to-end runs."""
 
 import glob
 import os
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -229,20 +228,3 @@ def test_tiny_end_to_end_run(tiny_mmrec, tmp_path, alignment):
   assert_sane_run(result, n_epochs=2, aligned=True)
   # The user graph was computed once and cached next to the data.
   assert len(glob.glob(os.path.join(tiny_mmrec, "derived", "dualgnn-*.npz"))) == 1
-
-
-def test_cooccurrence_blocks_cover_every_user_once():
-  rng = np.random.default_rng(4)
-  pairs = np.stack([rng.integers(0, 50, 400), rng.integers(0, 30, 400)], 1)
-  pairs[:5, 0] = 49  # the last user has items; users with none are in some block too
-  a = dualgnn.scipy.sparse.csr_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])),
-                                      shape=(60, 30))
-  for budget in (40, 400, 4000, 1 << 30):
-    with mock.patch.object(dualgnn, "COOCCURRENCE_BLOCK_BYTES", budget):
-      blocks = dualgnn.cooccurrence_blocks(a)
-      covered = np.concatenate([np.arange(s, e) for s, e in blocks])
-      np.testing.assert_array_equal(covered, np.arange(60))
-      got = dualgnn.cooccurrence_topk(pairs[:, 0], pairs[:, 1], 60, 30, 7)
-    want = dualgnn.cooccurrence_topk(pairs[:, 0], pairs[:, 1], 60, 30, 7, block_rows=60)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])

@@ -56,8 +56,8 @@ from fettle_jax.errors import ConfigError
 from fettle_jax.types import Batch, DataInfo, Representations
 
 USER_AGGREGATIONS = ("softmax", "mean")
-# Host memory per block of the co-occurrence top-k: the block's sparse product and its sort
-# (row, column, count and order arrays), ~40 bytes per co-occurring pair.
+# Host memory per block of the co-occurrence top-k: a block holds [rows, n_users] counts
+# (int32) and sort keys (int64) plus argpartition's indices (int64), ~24 bytes an entry.
 COOCCURRENCE_BLOCK_BYTES = 96 << 20
 
 
@@ -107,11 +107,8 @@ def cooccurrence_topk(users: np.ndarray, items: np.ndarray, n_users: int, n_item
   Returns (neighbours int32 [n_users, k'], counts int32 [n_users, k']), k' = min(k, n_users-1),
   best first; ties in the count go to the lower user id (deterministic). Slots beyond a
   user's co-occurring users (count 0) hold neighbour -1 and count 0. C = A A^T (A the 0/1
-  user-item matrix) is formed a block of user rows at a time as a sparse product, and only
-  its nonzeros (pairs of users sharing an item) are sorted: memory and time grow with the
-  co-occurring pairs (sum over items of degree^2), never with n_users^2. Blocks hold
-  `block_rows` rows, or by default rows whose bound on the product's nonzeros (sum of their
-  items' degrees) fits COOCCURRENCE_BLOCK_BYTES.
+  user-item matrix) is formed `block_rows` user rows at a time from sparse A, so memory is
+  O(block_rows * n_users), never the [n_users, n_users] matrix.
   """
   users = np.asarray(users, np.int64)
   items = np.asarray(items, np.int64)
@@ -125,34 +122,28 @@ def cooccurrence_topk(users: np.ndarray, items: np.ndarray, n_users: int, n_item
   a.sum_duplicates()
   a.data[:] = 1  # a repeated (user, item) pair is one shared item, not two
   a_t = a.T.tocsr()
-  for start, stop in cooccurrence_blocks(a, block_rows):
-    block = (a[start:stop] @ a_t).tocoo()  # shared-item counts of co-occurring pairs only
-    rows, cols, shared = block.row.astype(np.int64), block.col.astype(np.int64), block.data
-    real = (shared > 0) & (cols != rows + start)  # a user is not its own neighbour
-    rows, cols, shared = rows[real], cols[real], shared[real]
-    order = np.lexsort((cols, -shared.astype(np.int64), rows))  # row, count desc, lower id
-    rows, cols, shared = rows[order], cols[order], shared[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within its row
-    kept = rank < k
-    neighbours[start + rows[kept], rank[kept]] = cols[kept]
-    counts[start + rows[kept], rank[kept]] = shared[kept]
+  if block_rows is None:
+    block_rows = COOCCURRENCE_BLOCK_BYTES // (24 * n_users)
+  block_rows = max(1, min(int(block_rows), n_users))
+  # Sort key: count first, then the LOWER id (n_users - 1 - v larger): unique per row, so
+  # argpartition + a sort of the k winners gives the exact, deterministic order.
+  id_key = (n_users - 1 - np.arange(n_users, dtype=np.int64))[None, :]
+  for start in range(0, n_users, block_rows):
+    stop = min(start + block_rows, n_users)
+    block = (a[start:stop] @ a_t).toarray()  # [rows, n_users] shared-item counts
+    rows = np.arange(stop - start)
+    block[rows, rows + start] = 0  # a user is not its own neighbour
+    key = block.astype(np.int64) * n_users + id_key
+    if k < n_users:
+      top = np.argpartition(-key, k - 1, axis=1)[:, :k]
+    else:
+      top = np.broadcast_to(np.arange(n_users), key.shape)
+    order = np.argsort(-np.take_along_axis(key, top, axis=1), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    top_counts = np.take_along_axis(block, top, axis=1)
+    neighbours[start:stop] = np.where(top_counts > 0, top, -1)
+    counts[start:stop] = top_counts
   return neighbours, counts
-
-
-def cooccurrence_blocks(a, block_rows: int = None):
-  """(start, stop) user row ranges: `block_rows` each, or bounded by the product's nonzeros
-  (row u of A A^T has at most sum of u's items' degrees), ~40 bytes per nonzero."""
-  n_users = a.shape[0]
-  if block_rows is not None:
-    block_rows = max(1, min(int(block_rows), n_users))
-    return [(s, min(s + block_rows, n_users)) for s in range(0, n_users, block_rows)]
-  item_degree = np.bincount(a.indices, minlength=a.shape[1]).astype(np.int64)
-  row_of_entry = np.repeat(np.arange(n_users), np.diff(a.indptr))
-  work = np.bincount(row_of_entry, weights=item_degree[a.indices], minlength=n_users)
-  budget = max(1, COOCCURRENCE_BLOCK_BYTES // 40)
-  cuts = np.searchsorted(np.cumsum(work), np.arange(1, int(work.sum() // budget) + 1) * budget)
-  bounds = np.unique(np.concatenate([[0], cuts + 1, [n_users]]).clip(0, n_users))
-  return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def neighbour_weights(counts: np.ndarray, aggregation: str) -> np.ndarray:
