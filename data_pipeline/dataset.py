@@ -110,7 +110,7 @@ def id_ranges(source: str, splits: Dict[str, np.ndarray], n_feature_rows: Option
                         f"{n_feature_rows} rows (row k is item k); {REMAP_HINT}")
       sizes.append(n_feature_rows)
       continue
-    distinct = len(np.unique(ids))
+    distinct = len(mmrec.distinct(ids))
     if distinct != largest + 1:
       raise DataError(f"{source}: {what} ids are not 0..n-1 ({distinct} distinct ids, largest "
                       f"{largest}); {REMAP_HINT}")
@@ -169,12 +169,14 @@ def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str,
     _, first = np.unique(keys, return_index=True)
     keep = np.zeros(len(pairs), bool)
     keep[first] = True
-    keep &= ~np.isin(keys, seen)
+    if len(seen):  # drop pairs an earlier split holds (sorted search, no Python set)
+      at = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+      keep &= seen[at] != keys
     n_dup = len(pairs) - keep.sum()
     if n_dup:
       logging.warning("%s: dropped %d duplicate %s interactions", path, n_dup, split)
     pairs = pairs[keep]
-    seen = np.union1d(seen, keys[keep])
+    seen = mmrec.distinct(np.concatenate([seen, keys[keep]]))
     cleaned[split] = pairs
   train_users = np.zeros(n_users, bool)
   train_users[cleaned["train"][:, 0]] = True

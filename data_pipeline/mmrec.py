@@ -21,6 +21,13 @@ REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 SPLIT_OF_LABEL = {0: "train", 1: "valid", 2: "test"}
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+  """np.unique(values) by one sort: NumPy 2's hash-based np.unique is ~50x slower on
+  millions of int64 keys."""
+  ordered = np.sort(values, kind="stable")
+  return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])] if len(ordered) else ordered
+
+
 def find_inter_file(path: str, name: Optional[str]) -> str:
   if name:
     file = os.path.join(path, f"{name}.inter")
@@ -103,7 +110,7 @@ def read_inter(path: str, name: Optional[str] = None):
 
 
 def split_pairs(file: str, users: np.ndarray, items: np.ndarray, labels: np.ndarray):
-  unknown = sorted(set(np.unique(labels).tolist()) - set(SPLIT_OF_LABEL))
+  unknown = sorted(set(distinct(labels).tolist()) - set(SPLIT_OF_LABEL))
   if unknown:
     raise DataError(f"{file}: x_label must be 0 (train), 1 (valid) or 2 (test), found {unknown[0]}")
   pairs = np.stack([users, items], axis=1)

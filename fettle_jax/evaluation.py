@@ -98,7 +98,8 @@ def seen_rows(indptr: np.ndarray, indices: np.ndarray, users: np.ndarray,
 def csr_of_pairs(pairs: np.ndarray, n_users: int) -> Tuple[np.ndarray, np.ndarray]:
   """(indptr [n_users + 1], items) of the distinct pairs, each user's items ascending."""
   n_cols = int(pairs[:, 1].max(initial=0)) + 1
-  keys = np.unique(pairs[:, 0].astype(np.int64) * n_cols + pairs[:, 1])
+  keys = np.sort(pairs[:, 0].astype(np.int64) * n_cols + pairs[:, 1])
+  keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if len(keys) else keys
   users, items = keys // n_cols, keys % n_cols
   indptr = np.zeros(n_users + 1, np.int64)
   np.cumsum(np.bincount(users, minlength=n_users), out=indptr[1:])
