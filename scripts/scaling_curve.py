@@ -110,7 +110,8 @@ def scaled_batch(config, n_train: int, steps_per_epoch: int) -> None:
   full-graph propagations, so its cost grows linearly with the interactions."""
   if steps_per_epoch <= 0:
     return
-  batch = max(config.batch_size, -(-n_train // steps_per_epoch + 1023) // 1024 * 1024)
+  per_step = -(-n_train // steps_per_epoch)
+  batch = max(config.batch_size, -(-per_step // 1024) * 1024)
   config.learning_rate = float(config.learning_rate * (batch / config.batch_size) ** 0.5)
   config.batch_size = int(batch)
 
