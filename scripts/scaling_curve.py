@@ -9,12 +9,20 @@ items growing with the interactions at Amazon-like ratios (--per_user interactio
 labels, every user's first interaction in train; no content features (LightGCN). Each set
 is written once under --out (`generate`, also importable, and `--generate_only`).
 
-Stages, each configuration in its own child process (so each peak RSS is its own):
+Stages, each configuration in its own child process (so each peak RSS is its own), each
+timed in wall seconds (`<stage>_s`) and process CPU seconds (`<stage>_cpu_s`, plotted):
 load (train.load_data), host (create_train_state: graphs, sampling index, placement),
 compile (the first epoch's compilation, from jit's lower+compile), epoch (one compiled
 epoch, after compilation), rank (one valid+test ranking pass, compiled first), and the
 child's peak RSS. The slope per stage is the least-squares fit of log(time) against
 log(interactions) over the sizes measured: 1 is linear growth.
+
+Batch size: --steps_per_epoch (default 64) fixes the number of steps per epoch, so the batch
+grows with the train interactions (a multiple of 1024, never below the config's) and Adam's
+learning rate follows the square-root rule lr = lr_0 * sqrt(B / B_0) (`scaled_batch`).
+LightGCN-style backbones propagate the whole graph every step, so a fixed batch size makes
+an epoch cost (interactions / B) x graph size, quadratic in the data; a fixed step count
+makes it linear.
 """
 
 import json
@@ -116,6 +124,21 @@ def scaled_batch(config, n_train: int, steps_per_epoch: int) -> None:
   config.batch_size = int(batch)
 
 
+class StageTimer:
+  """Records `<stage>_s` (wall) and `<stage>_cpu_s` (this process's CPU, all threads: the
+  figure that a shared, loaded machine distorts least) into `out`."""
+
+  def __init__(self, out: dict, stage: str):
+    self.out, self.stage = out, stage
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def __exit__(self, *exc):
+    self.out[f"{self.stage}_s"] = time.perf_counter() - self.wall
+    self.out[f"{self.stage}_cpu_s"] = time.process_time() - self.cpu
+
+
 def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) -> dict:
   """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -132,46 +155,41 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) ->
     target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(
         target[leaf], str) else value
   out = {"config": config_name}
-  start = time.perf_counter()
-  data = train.load_data(config)
-  out["load_s"] = time.perf_counter() - start
+  with StageTimer(out, "load"):
+    data = train.load_data(config)
   out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
              n_inter=len(data.train) + len(data.valid) + len(data.test))
   scaled_batch(config, len(data.train), steps_per_epoch)
   out.update(batch_size=config.batch_size, learning_rate=config.learning_rate)
-  start = time.perf_counter()
-  run = train.create_train_state(config, data)
-  eval_data = train.build_eval_data(data, run.config, run.layout)
-  jax.block_until_ready((run.state, run.static, eval_data))
-  out["host_s"] = time.perf_counter() - start
+  with StageTimer(out, "host"):
+    run = train.create_train_state(config, data)
+    eval_data = train.build_eval_data(data, run.config, run.layout)
+    jax.block_until_ready((run.state, run.static, eval_data))
   out["rss_after_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   del data
   epoch = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
                                  run.info, run.layout)
   rng = jax.random.fold_in(run.train_rng, 1)
-  start = time.perf_counter()
-  compiled = epoch.lower(run.state, rng, run.static).compile()
-  out["compile_s"] = time.perf_counter() - start
-  start = time.perf_counter()
-  with jax.set_mesh(run.layout.mesh):
+  with StageTimer(out, "compile"):
+    compiled = epoch.lower(run.state, rng, run.static).compile()
+  with StageTimer(out, "epoch"), jax.set_mesh(run.layout.mesh):
     state, losses = compiled(run.state, rng, run.static)
     jax.block_until_ready((state, losses))
-  out["epoch_s"] = time.perf_counter() - start
   out["loss"] = float(jax.device_get(losses)[0])
   evaluate = train.make_evaluate(run.backbone, run.config, run.layout)
-  start = time.perf_counter()
-  ranker = evaluate.lower(state.params, state.model_state, run.static, eval_data).compile()
-  out["rank_compile_s"] = time.perf_counter() - start
-  start = time.perf_counter()
-  with jax.set_mesh(run.layout.mesh):
+  with StageTimer(out, "rank_compile"):
+    ranker = evaluate.lower(state.params, state.model_state, run.static, eval_data).compile()
+  with StageTimer(out, "rank"), jax.set_mesh(run.layout.mesh):
     metrics = jax.device_get(ranker(state.params, state.model_state, run.static, eval_data))
-  out["rank_s"] = time.perf_counter() - start
   out["test_recall@20"] = float(metrics["recall@20"][1])
   out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   return out
 
 
-def fitted_slopes(rows, stages=STAGES + ("peak_rss_gib",)) -> dict:
+CPU_STAGES = tuple(s.replace("_s", "_cpu_s") for s in STAGES)
+
+
+def fitted_slopes(rows, stages=STAGES + CPU_STAGES + ("peak_rss_gib",)) -> dict:
   """Least-squares slope of log(stage) against log(interactions), per stage (needs 2 sizes)."""
   slopes = {}
   for stage in stages:
@@ -200,13 +218,13 @@ def write_outputs(rows, out_dir: str) -> None:
   fig, axes = plt.subplots(1, len(slopes), figsize=(6 * len(slopes), 4.5), squeeze=False)
   for ax, (config, slope) in zip(axes[0], slopes.items()):
     mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["n_inter"])
-    for stage in STAGES + ("peak_rss_gib",):
+    for stage in CPU_STAGES + ("peak_rss_gib",):
       x = [r["n_inter"] for r in mine if r.get(stage, 0) > 0]
       y = [r[stage] for r in mine if r.get(stage, 0) > 0]
       label = f"{stage} (slope {slope[stage]:.2f})" if stage in slope else stage
       ax.loglog(x, y, "o-", label=label)
     ax.set_xlabel("interactions")
-    ax.set_ylabel("seconds (peak RSS: GiB)")
+    ax.set_ylabel("CPU seconds (peak RSS: GiB)")
     ax.set_title(config)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
