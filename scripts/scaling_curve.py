@@ -36,7 +36,6 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _SIZES = flags.DEFINE_list("sizes", ["0.25", "1", "4"], "Million interactions per set.")
 _OUT = flags.DEFINE_string("out", "/work/scale_data/curve", "Folder for the sets and results.")
