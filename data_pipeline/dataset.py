@@ -110,7 +110,7 @@ def id_ranges(source: str, splits: Dict[str, np.ndarray], n_feature_rows: Option
                         f"{n_feature_rows} rows (row k is item k); {REMAP_HINT}")
       sizes.append(n_feature_rows)
       continue
-    distinct = len(np.unique(ids))
+    distinct = len(mmrec.distinct(ids))
     if distinct != largest + 1:
       raise DataError(f"{source}: {what} ids are not 0..n-1 ({distinct} distinct ids, largest "
                       f"{largest}); {REMAP_HINT}")
@@ -124,7 +124,9 @@ def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
   for file in sorted(glob.glob(os.path.join(path, "*_feat.npy"))):
     modality = os.path.basename(file)[:-len("_feat.npy")]
     try:
-      matrix = np.load(file, allow_pickle=False)
+      # Memory-mapped: a float32 file stays on disk (paged in by the checks below and by
+      # the copy to devices) instead of one more [n_items, d] copy in host memory.
+      matrix = np.load(file, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # pylint: disable=broad-except  # any unreadable file: one line
       raise DataError(f"{file}: cannot read as a .npy array ({e})") from None
     if matrix.ndim != 2:
@@ -134,19 +136,32 @@ def load_features(path: str, n_items: int) -> Dict[str, np.ndarray]:
                       f"{n_items} items (row k must be item k)")
     if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
       raise DataError(f"{file}: dtype {matrix.dtype} is not a real number type (float or int)")
-    matrix = matrix.astype(np.float32)
-    bad = ~np.isfinite(matrix)
-    if bad.any():
-      rows = np.unique(np.nonzero(bad)[0])
-      raise DataError(f"{file}: {bad.sum()} NaN/inf values in {len(rows)} rows (first: item {rows[0]})")
+    if matrix.dtype != np.float32:
+      matrix = matrix.astype(np.float32)  # another dtype is converted in memory
+    n_bad, bad_rows = non_finite_rows(matrix)
+    if n_bad:
+      raise DataError(f"{file}: {n_bad} NaN/inf values in {len(bad_rows)} rows "
+                      f"(first: item {bad_rows[0]})")
     features[modality] = matrix
   return features
+
+
+def non_finite_rows(matrix: np.ndarray, rows_per_chunk: int = 1 << 16):
+  """(number of NaN/inf values, sorted rows holding one), reading `rows_per_chunk` rows at
+  a time: a memory-mapped matrix is checked without a full-size temporary."""
+  n_bad, rows = 0, []
+  for start in range(0, matrix.shape[0], rows_per_chunk):
+    bad = ~np.isfinite(matrix[start:start + rows_per_chunk])
+    if bad.any():
+      n_bad += int(bad.sum())
+      rows.append(start + np.nonzero(bad.any(axis=1))[0])
+  return n_bad, (np.concatenate(rows) if rows else np.zeros(0, np.int64))
 
 
 def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str, np.ndarray],
              features: Dict[str, np.ndarray]) -> Dataset:
   """Shared rules of both formats: dedupe, drop cold valid/test users, reject empty splits."""
-  seen = set()
+  seen = np.zeros(0, np.int64)  # sorted keys kept in earlier splits
   cleaned = {}
   for split in ("train", "valid", "test"):
     pairs = splits[split]
@@ -154,12 +169,14 @@ def finalize(name: str, path: str, n_users: int, n_items: int, splits: Dict[str,
     _, first = np.unique(keys, return_index=True)
     keep = np.zeros(len(pairs), bool)
     keep[first] = True
-    keep &= ~np.isin(keys, np.fromiter(seen, np.int64, len(seen)))
+    if len(seen):  # drop pairs an earlier split holds (sorted search, no Python set)
+      at = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+      keep &= seen[at] != keys
     n_dup = len(pairs) - keep.sum()
     if n_dup:
       logging.warning("%s: dropped %d duplicate %s interactions", path, n_dup, split)
     pairs = pairs[keep]
-    seen.update(keys[keep].tolist())
+    seen = mmrec.distinct(np.concatenate([seen, keys[keep]]))
     cleaned[split] = pairs
   train_users = np.zeros(n_users, bool)
   train_users[cleaned["train"][:, 0]] = True

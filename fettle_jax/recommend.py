@@ -76,17 +76,24 @@ def excluded_pairs(data, exclude: str) -> np.ndarray:
   return np.concatenate([data.train, data.valid, data.test])
 
 
-def top_k(user_emb, item_emb, users: np.ndarray, bitmask: np.ndarray, k: int,
+def top_k(user_emb, item_emb, users: np.ndarray, excluded, k: int,
           batch_size: int) -> np.ndarray:
   """[len(users), k] item ids: evaluation.top_items in batches of `batch_size` users (the
-  last padded with user 0, as in evaluation), one compiled program."""
-  rank = jax.jit(evaluation.top_items, static_argnums=4)
+  last padded with user 0, as in evaluation), the `excluded` items (indptr, items: CSR rows
+  by user, evaluation.csr_of_pairs) masked as sparse rows; one compiled program (every
+  batch's rows padded to the widest batch's count)."""
+  indptr, indices = excluded
+  rank = jax.jit(evaluation.top_items, static_argnums=5)
   n_batch = -(-len(users) // batch_size)
   padded = np.zeros(n_batch * batch_size, np.int32)
   padded[:len(users)] = users
-  bitmask = jax.device_put(bitmask)
-  out = [np.asarray(rank(user_emb, item_emb, padded[b * batch_size:(b + 1) * batch_size],
-                         bitmask, k)) for b in range(n_batch)]
+  counts = (indptr[padded + 1] - indptr[padded]).reshape(n_batch, batch_size)
+  width = max(1, int(counts.sum(axis=1).max(initial=0)))
+  out = []
+  for b in range(n_batch):
+    block = padded[b * batch_size:(b + 1) * batch_size]
+    rows, items = evaluation.seen_rows(indptr, indices, block, width)
+    out.append(np.asarray(rank(user_emb, item_emb, block, rows, items, k)))
   return np.concatenate(out)[:len(users)]
 
 
@@ -97,11 +104,11 @@ def recommend(run: workdir_lib.Run, k: int, users=None, exclude: str = "all"):
   check_request(k, exclude, data.n_items)
   users = np.arange(data.n_users, dtype=np.int32) if users is None else np.asarray(users,
                                                                                   np.int32)
-  bitmask = evaluation.interaction_bitmask(excluded_pairs(data, exclude), data.n_users,
-                                           data.n_items)
+  excluded = evaluation.csr_of_pairs(excluded_pairs(data, exclude), data.n_users)
   reps = workdir_lib.represent(run)
-  items = top_k(reps.users, reps.items, users, bitmask, k, config.eval_batch_size)
-  n_excluded = np.unpackbits(bitmask[users].view(np.uint8), axis=1).sum(axis=1)
+  items = top_k(reps.users, reps.items, users, excluded, k, config.eval_batch_size)
+  indptr = excluded[0]
+  n_excluded = indptr[users + 1] - indptr[users]
   n_kept = np.minimum(k, data.n_items - n_excluded)
   return users, items, n_kept
 

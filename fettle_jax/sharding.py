@@ -347,3 +347,18 @@ def stacked(placement: Placement, n: int) -> Placement:
   shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + tuple(s.shape), s.dtype),
                         placement.shapes)
   return Placement(shardings, shapes)
+
+
+# ------------------------------------------------------------------ evaluation over item blocks
+
+
+def map_over_user_and_item_blocks(fn, mesh: jax.sharding.Mesh, user_rows, item_rows,
+                                  *replicated):
+  """fn(user_rows, item_rows, *replicated) on every device of `mesh`, the user rows split
+  over 'data' and the item rows over 'model', the other arguments whole on each device;
+  the [users, ...] result split over 'data' (fn returns the same on every 'model' shard)."""
+  in_specs = (P(DATA, None), P(MODEL, None)) + (P(),) * len(replicated)
+  user_rows = jax.lax.with_sharding_constraint(user_rows, NamedSharding(mesh, P(DATA, None)))
+  item_rows = jax.lax.with_sharding_constraint(item_rows, NamedSharding(mesh, P(MODEL, None)))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(DATA, None),
+                       check_vma=False)(user_rows, item_rows, *replicated)

@@ -283,7 +283,7 @@ def build_eval_data(data: dataset_lib.Dataset, config, layout,
   split over 'data' (the batch rounded up to a multiple of it), placed on the mesh."""
   splits = [data.valid, data.test] if splits is None else splits
   eval_data = evaluation.build_eval_data(
-      splits, evaluation.interaction_bitmask(data.train, data.n_users, data.n_items),
+      splits, data.train,
       data.n_users, data.n_items, sharding.round_up(config.eval_batch_size, layout.data_size))
   return sharding.placement(eval_data, EVAL_RULES, layout.mesh).place(eval_data)
 

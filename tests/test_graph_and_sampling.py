@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fettle_jax import graphs
-from fettle_jax import evaluation
 from fettle_jax import sampling
 from fettle_jax import train
 from fettle_jax.backbones import lightgcn
@@ -88,19 +87,6 @@ def test_weighted_propagate_on_device_transpose_matches_dense_gradients():
       weights, x) for f in (jax.jit(sparse_product), dense))
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-
-
-def test_bitmask_membership_and_rows():
-  rng = np.random.default_rng(2)
-  n_users, n_items = 13, 70  # not a multiple of 32
-  pairs = np.unique(np.stack([rng.integers(0, n_users, 200), rng.integers(0, n_items, 200)], 1),
-                    axis=0)
-  dense = np.zeros((n_users, n_items), bool)
-  dense[pairs[:, 0], pairs[:, 1]] = True
-  bits = jnp.asarray(evaluation.interaction_bitmask(pairs, n_users, n_items))
-  users, items = np.meshgrid(np.arange(n_users), np.arange(n_items), indexing="ij")
-  np.testing.assert_array_equal(evaluation.has_interaction(bits, users, items), dense)
-  np.testing.assert_array_equal(evaluation.unpack_rows(bits, jnp.arange(n_users), n_items), dense)
 
 
 def test_negatives_are_never_train_items_and_epoch_covers_train():

@@ -118,12 +118,16 @@ def test_sharded_top_k_equals_one_device_top_k(mesh_shape):
   seen[0, :25] = True  # fewer unseen items than k: -inf scores in the top-k
   seen[1, :] = True    # nothing unseen: all -inf
   pairs = np.argwhere(seen)
-  bitmask = jnp.asarray(evaluation.interaction_bitmask(pairs, n_users, n_items))
+  pairs = np.concatenate([pairs, [[n_users, 0]] * 3])  # padding pairs: row len(users), dropped
+  rows, items = jnp.asarray(pairs[:, 0], jnp.int32), jnp.asarray(pairs[:, 1], jnp.int32)
   users = jnp.arange(n_users)
-  expected = evaluation.top_items(user_emb, item_emb, users, bitmask, k)
+  expected = evaluation.top_items(user_emb, item_emb, users, rows, items, k)
+  masked = np.where(seen, -np.inf, np.asarray(user_emb @ item_emb.T))
+  np.testing.assert_array_equal(np.asarray(expected),
+                                np.argsort(-masked, axis=1, kind="stable")[:, :k])
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda u, i, us, b: evaluation.top_items_sharded(mesh, u, i, us, b, k))(
-        user_emb, item_emb, users, bitmask)
+    got = jax.jit(lambda u, i, us, r, c: evaluation.top_items_sharded(mesh, u, i, us, r, c, k))(
+        user_emb, item_emb, users, rows, items)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 

@@ -1,0 +1,273 @@
+"""How each stage's cost grows with the data: per-stage wall time and peak RSS of training
+on MMRec-format sets of growing size, a CSV, a log-log PNG and a fitted slope per stage.
+
+  nice python scripts/scaling_curve.py --sizes=0.25,1,4 --out=/work/scale_data/curve
+
+Sets: `--sizes` million interactions each, power-law item and user degrees, users and
+items growing with the interactions at Amazon-like ratios (--per_user interactions per user,
+--per_item per item: 10 and 50 give the 500k x 100k x 5M set); 80/10/10 train/valid/test
+labels, every user's first interaction in train; no content features (LightGCN). Each set
+is written once under --out (`generate`, also importable, and `--generate_only`).
+
+Stages, each configuration in its own child process (so each peak RSS is its own), each
+timed in wall seconds (`<stage>_s`) and process CPU seconds (`<stage>_cpu_s`, plotted):
+load (train.load_data), host (create_train_state: graphs, sampling index, placement),
+compile (the first epoch's compilation, from jit's lower+compile), epoch (one compiled
+epoch, after compilation), rank (one valid+test ranking pass, compiled first), and the
+child's peak RSS. The slope per stage is the least-squares fit of log(time) against
+log(interactions) over the sizes measured: 1 is linear growth.
+
+Batch size: --steps_per_epoch (default 64) fixes the number of steps per epoch, so the batch
+grows with the train interactions (a multiple of 1024, never below the config's) and Adam's
+learning rate follows the square-root rule lr = lr_0 * sqrt(B / B_0) (`scaled_batch`).
+LightGCN-style backbones propagate the whole graph every step, so a fixed batch size makes
+an epoch cost (interactions / B) x graph size, quadratic in the data; a fixed step count
+makes it linear.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+
+_SIZES = flags.DEFINE_list("sizes", ["0.25", "1", "4"], "Million interactions per set.")
+_OUT = flags.DEFINE_string("out", "/work/scale_data/curve", "Folder for the sets and results.")
+_CONFIGS = flags.DEFINE_list("configs", ["lightgcn_baby"], "configs/<name>.py to run.")
+_PER_USER = flags.DEFINE_float("per_user", 10.0, "Interactions per user.")
+_PER_ITEM = flags.DEFINE_float("per_item", 50.0, "Interactions per item.")
+_OVERRIDES = flags.DEFINE_list("overrides", [], "name=value config overrides (Python "
+                               "literals), e.g. batch_size=8192.")
+_GENERATE_ONLY = flags.DEFINE_bool("generate_only", False, "Only write the sets.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: 'config,data_dir' to measure.")
+_SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
+
+STAGES = ("load_s", "host_s", "compile_s", "epoch_s", "rank_s")
+ITEM_EXPONENT, USER_EXPONENT = 0.8, 0.5  # Zipf exponents of item and user popularity
+
+
+def zipf_ids(rng: np.random.Generator, n_ids: int, n_draws: int, exponent: float) -> np.ndarray:
+  """n_draws ids in [0, n_ids) with P(id) proportional to (rank + 1)^-exponent, the ranks
+  shuffled over the ids (popularity unrelated to the id)."""
+  weights = np.arange(1, n_ids + 1, dtype=np.float64) ** -exponent
+  cdf = np.cumsum(weights)
+  ranks = np.searchsorted(cdf, rng.random(n_draws) * cdf[-1], side="right")
+  return rng.permutation(n_ids)[np.minimum(ranks, n_ids - 1)].astype(np.int64)
+
+
+def generate(n_inter: int, per_user: float, per_item: float, seed: int = 0):
+  """(users, items, labels) int64: every user and item id used, pairs distinct, degrees
+  power-law; labels 0/1/2 with probability 0.8/0.1/0.1, each user's first pair train."""
+  rng = np.random.default_rng(seed)
+  n_users, n_items = int(n_inter / per_user), int(n_inter / per_item)
+  # Every id once (the id rule: ids 0..n-1 all occur), then power-law draws.
+  cover = max(n_users, n_items)
+  n_draws = int((n_inter - cover) * 1.2)  # spare draws: repeated pairs are dropped
+  users = np.concatenate([np.arange(cover) % n_users,
+                          zipf_ids(rng, n_users, n_draws, USER_EXPONENT)])
+  items = np.concatenate([rng.permutation(cover) % n_items,
+                          zipf_ids(rng, n_items, n_draws, ITEM_EXPONENT)])
+  keys = users * n_items + items
+  _, first = np.unique(keys, return_index=True)
+  first = np.sort(first)[:n_inter]  # the covering pairs come first and are all kept
+  users, items = users[first], items[first]
+  labels = rng.choice(3, size=len(users), p=(0.8, 0.1, 0.1))
+  _, first_of_user = np.unique(users, return_index=True)
+  labels[first_of_user] = 0
+  # A user's only item in train would leave valid/test users without train: first is train.
+  return users, items, labels
+
+
+def write_inter(folder: str, name: str, users, items, labels, rows_per_chunk: int = 1 << 20):
+  """`<folder>/<name>.inter`: header userID itemID x_label, tab-separated, in chunks."""
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{name}.inter")
+  with open(path + ".tmp", "w") as f:
+    f.write("userID\titemID\tx_label\n")
+    for start in range(0, len(users), rows_per_chunk):
+      end = start + rows_per_chunk
+      f.write("".join(f"{u}\t{i}\t{l}\n" for u, i, l in zip(
+          users[start:end].tolist(), items[start:end].tolist(), labels[start:end].tolist())))
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def dataset_dir(millions: float) -> str:
+  return os.path.join(_OUT.value, f"set_{millions:g}M")
+
+
+def ensure_set(millions: float) -> str:
+  folder = dataset_dir(millions)
+  if not os.path.exists(os.path.join(folder, "scale.inter")):
+    users, items, labels = generate(int(millions * 1e6), _PER_USER.value, _PER_ITEM.value,
+                                    _SEED.value)
+    write_inter(folder, "scale", users, items, labels)
+  return folder
+
+
+def scaled_batch(config, n_train: int, steps_per_epoch: int) -> None:
+  """Batch size n_train / steps_per_epoch (a multiple of 1024) and Adam's learning rate by
+  the square-root rule, lr = lr_0 * sqrt(B / B_0): an epoch keeps a fixed number of
+  full-graph propagations, so its cost grows linearly with the interactions."""
+  if steps_per_epoch <= 0:
+    return
+  per_step = -(-n_train // steps_per_epoch)
+  batch = max(config.batch_size, -(-per_step // 1024) * 1024)
+  config.learning_rate = float(config.learning_rate * (batch / config.batch_size) ** 0.5)
+  config.batch_size = int(batch)
+
+
+class StageTimer:
+  """Records `<stage>_s` (wall) and `<stage>_cpu_s` (this process's CPU, all threads: the
+  figure that a shared, loaded machine distorts least) into `out`."""
+
+  def __init__(self, out: dict, stage: str):
+    self.out, self.stage = out, stage
+
+  def __enter__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def __exit__(self, *exc):
+    self.out[f"{self.stage}_s"] = time.perf_counter() - self.wall
+    self.out[f"{self.stage}_cpu_s"] = time.process_time() - self.cpu
+
+
+def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) -> dict:
+  """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.data.path, config.data.prepare = data_dir, ""
+  for item in overrides:
+    name, value = item.split("=", 1)
+    target = config
+    *parents, leaf = name.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(
+        target[leaf], str) else value
+  out = {"config": config_name}
+  with StageTimer(out, "load"):
+    data = train.load_data(config)
+  out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
+             n_inter=len(data.train) + len(data.valid) + len(data.test))
+  scaled_batch(config, len(data.train), steps_per_epoch)
+  out.update(batch_size=config.batch_size, learning_rate=config.learning_rate)
+  with StageTimer(out, "host"):
+    run = train.create_train_state(config, data)
+    eval_data = train.build_eval_data(data, run.config, run.layout)
+    jax.block_until_ready((run.state, run.static, eval_data))
+  out["rss_after_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  del data
+  epoch = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,
+                                 run.info, run.layout)
+  rng = jax.random.fold_in(run.train_rng, 1)
+  with StageTimer(out, "compile"):
+    compiled = epoch.lower(run.state, rng, run.static).compile()
+  with StageTimer(out, "epoch"), jax.set_mesh(run.layout.mesh):
+    state, losses = compiled(run.state, rng, run.static)
+    jax.block_until_ready((state, losses))
+  out["loss"] = float(jax.device_get(losses)[0])
+  evaluate = train.make_evaluate(run.backbone, run.config, run.layout)
+  with StageTimer(out, "rank_compile"):
+    ranker = evaluate.lower(state.params, state.model_state, run.static, eval_data).compile()
+  with StageTimer(out, "rank"), jax.set_mesh(run.layout.mesh):
+    metrics = jax.device_get(ranker(state.params, state.model_state, run.static, eval_data))
+  out["test_recall@20"] = float(metrics["recall@20"][1])
+  out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return out
+
+
+CPU_STAGES = tuple(s.replace("_s", "_cpu_s") for s in STAGES)
+
+
+def fitted_slopes(rows, stages=STAGES + CPU_STAGES + ("peak_rss_gib",)) -> dict:
+  """Least-squares slope of log(stage) against log(interactions), per stage (needs 2 sizes)."""
+  slopes = {}
+  for stage in stages:
+    points = [(r["n_inter"], r[stage]) for r in rows if r.get(stage, 0) > 0]
+    if len(points) >= 2:
+      x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+      slopes[stage] = float(np.polyfit(x, y, 1)[0])
+  return slopes
+
+
+def write_outputs(rows, out_dir: str) -> None:
+  """results.csv (one row per configuration and size), slopes.json, scaling.png."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = sorted({k for r in rows for k in r})
+  with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+  slopes = {c: fitted_slopes([r for r in rows if r["config"] == c])
+            for c in sorted({r["config"] for r in rows})}
+  with open(os.path.join(out_dir, "slopes.json"), "w") as f:
+    json.dump(slopes, f, indent=2)
+  fig, axes = plt.subplots(1, len(slopes), figsize=(6 * len(slopes), 4.5), squeeze=False)
+  for ax, (config, slope) in zip(axes[0], slopes.items()):
+    mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["n_inter"])
+    for stage in CPU_STAGES + ("peak_rss_gib",):
+      x = [r["n_inter"] for r in mine if r.get(stage, 0) > 0]
+      y = [r[stage] for r in mine if r.get(stage, 0) > 0]
+      label = f"{stage} (slope {slope[stage]:.2f})" if stage in slope else stage
+      ax.loglog(x, y, "o-", label=label)
+    ax.set_xlabel("interactions")
+    ax.set_ylabel("CPU seconds (peak RSS: GiB)")
+    ax.set_title(config)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "scaling.png"), dpi=120)
+
+
+_STEPS = flags.DEFINE_integer("steps_per_epoch", 64, "Batch size = train interactions / this "
+                              "(square-root learning-rate rule); 0 keeps the config's.")
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    config_name, data_dir = _CHILD.value.split(",", 1)
+    print("RESULT " + json.dumps(measure(config_name, data_dir, _OVERRIDES.value,
+                                         _STEPS.value)), flush=True)
+    return
+  os.makedirs(_OUT.value, exist_ok=True)
+  rows = []
+  machine = f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+  for millions in (float(s) for s in _SIZES.value):
+    start = time.perf_counter()
+    folder = ensure_set(millions)
+    print(f"set {millions:g}M: {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if _GENERATE_ONLY.value:
+      continue
+    for config_name in _CONFIGS.value:
+      command = [sys.executable, os.path.abspath(__file__), f"--child={config_name},{folder}",
+                 f"--steps_per_epoch={_STEPS.value}", f"--overrides={','.join(_OVERRIDES.value)}"]
+      child = subprocess.run(command, capture_output=True, text=True, check=False)
+      lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+      if child.returncode or not lines:
+        print(f"{config_name} at {millions:g}M failed (exit {child.returncode}):\n"
+              f"{child.stderr[-2000:]}", flush=True)
+        continue
+      row = dict(json.loads(lines[-1][len("RESULT "):]), millions=millions, machine=machine)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      write_outputs(rows, _OUT.value)
+  if rows:
+    print(json.dumps({c: fitted_slopes([r for r in rows if r["config"] == c])
+                      for c in _CONFIGS.value}, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
