@@ -221,6 +221,11 @@ def build_step(data, backbone_name, variant):
     config.fettle.update(prototypes_item=int(prototypes), prototypes_user=2 * int(prototypes))
   if _MESH.value:
     config.mesh.data, config.mesh.model = (int(n) for n in _MESH.value.split("x"))
+  # A --baseline FETTLE may read fields today's config.fettle no longer has: its defaults.
+  with config.unlocked():
+    for key, value in alignment_lib.get_alignment("fettle").default_config().items():
+      if key not in config.fettle:
+        config.fettle[key] = value
   run = train.create_train_state(config, data)
   layout = run.layout
   step = train.make_train_step(run.backbone, run.alignment, run.config, run.optimizer, layout)
