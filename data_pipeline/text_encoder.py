@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from data_pipeline import wheels
 from data_pipeline.errors import DataError
@@ -271,7 +272,9 @@ class MiniLMEncoder:
     ids = self.tokenize(sentences)
     # Longest first and batched by length, so each batch pads little.
     order = sorted(range(n), key=lambda i: -len(ids[i]))
-    done = 0
+    # A bar only on a terminal: redirected output (log files) never gets carriage returns.
+    bar = tqdm.tqdm(total=n, desc="encoding", unit="sentence", leave=False,
+                    disable=not (progress and sys.stderr.isatty()))
     for start in range(0, n, self.batch_size):
       rows = order[start:start + self.batch_size]
       length = _bucket(len(ids[rows[0]]), self.max_seq_length)
@@ -284,16 +287,6 @@ class MiniLMEncoder:
         mask[r, :len(ids[i])] = 1
       emb = _embed(self.config, self.params, input_ids, mask)
       out[rows] = np.asarray(emb)[:len(rows)]
-      done += len(rows)
-      if progress:
-        _progress(done, n)
+      bar.update(len(rows))
+    bar.close()
     return out
-
-
-def _progress(done: int, total: int) -> None:
-  width = 30
-  filled = width * done // total
-  sys.stderr.write(f"\rencoding [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-  if done == total:
-    sys.stderr.write("\n")
-  sys.stderr.flush()
