@@ -111,8 +111,9 @@ def check_config(cfg) -> None:
   allowed = {"directions": ("pairwise", "topmost"), "dt_similarity": ("cosine", "dot"),
              "ila_negatives": ("batch", "all"), "feedback": ("dot", "cosine"),
              "implementation": tuple(IMPLEMENTATIONS)}
+  defaults = default_config()
   for field, values in allowed.items():
-    value = cfg.get(field, "fast")  # a config from before `implementation` existed: 'fast'
+    value = cfg.get(field, defaults[field])  # a config saved before the field existed
     if value not in values:
       raise ConfigError(f"fettle.{field} must be one of {values}, got {value!r}")
 
