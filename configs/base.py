@@ -43,6 +43,7 @@ def get_config(model: str = "lightgcn") -> ml_collections.ConfigDict:
   config.embedding_size = 64          # int: L, user/item embedding size (paper Sec 4.1)
   config.learning_rate = 1e-3         # float: Adam learning rate (paper Sec 4.1)
   config.batch_size = 2048            # int: BPR triples per step (paper Sec 4.1)
+  config.steps_per_epoch = 0          # int: > 0 fixes the steps per epoch: batch = train / this (a multiple of 1024, never below batch_size), learning_rate x sqrt(batch / batch_size); 0 = batch_size as given
   config.max_epochs = 1000            # int: upper bound on training epochs
   config.patience = 20                # int: stop after this many validation passes without a better valid metric
   config.eval_every = 1               # int: epochs between validation passes (and after the last epoch)

@@ -189,17 +189,17 @@ def scatter_panels(path: str, panels: Sequence[tuple], title: str,
 
 
 def feedback_scores(users: np.ndarray, item_modalities: np.ndarray,
-                    train_pairs: np.ndarray) -> np.ndarray:
+                    train_pairs: np.ndarray, kind: str = "dot") -> np.ndarray:
   """s_i^m (Eq. 2) over all of an item's train users instead of a batch's: FETTLE's own
-  `estimated_feedback`, with every item as one slot and every train pair as the batch.
-  users [n_users, L], item_modalities [n_items, |M|, L], train_pairs int [n, 2] (user,
-  item). Items without a train user: 0."""
+  `estimated_feedback` (`kind` dot or cosine, as config.fettle.feedback), with every item
+  as one slot and every train pair as the batch. users [n_users, L], item_modalities
+  [n_items, |M|, L], train_pairs int [n, 2] (user, item). Items without a train user: 0."""
   n_items = item_modalities.shape[0]
   pair_users, pair_items = np.asarray(train_pairs).T
   counts = np.bincount(pair_items, minlength=n_items)
   scores = equations.estimated_feedback(jnp.asarray(users)[pair_users],
                                         jnp.asarray(item_modalities), jnp.asarray(pair_items),
-                                        jnp.asarray(counts))
+                                        jnp.asarray(counts), kind)
   return np.asarray(scores)
 
 

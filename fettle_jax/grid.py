@@ -107,6 +107,10 @@ def check_settings(config, settings: Sequence[Setting]) -> List[str]:
       raise ConfigError(f"grid field {key!r} is {type(section[name]).__name__} "
                         f"({section[name]!r}); only float fields can be swept in one program "
                         "(seeds via 'seed'); run other settings as separate runs")
+  if "learning_rate" in keys and config.steps_per_epoch > 0:
+    raise ConfigError("a grid cannot sweep learning_rate with config.steps_per_epoch > 0 (the "
+                      "square-root rule rescales it from the data); set steps_per_epoch=0 and "
+                      "sweep the rates to use")
   for setting in settings:
     if int(setting.get("seed", config.seed)) != setting.get("seed", config.seed):
       raise ConfigError(f"grid seed must be an integer, got {setting['seed']!r}")

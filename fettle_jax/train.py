@@ -110,6 +110,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   """
   backbone = get_backbone(config.model)
   alignment = alignment_lib.get_alignment(config.alignment)
+  config = scaled_batch(config, len(data.train))
   if len(data.train) < config.batch_size:  # fewer interactions than one batch: one batch of all
     log(f"note: batch_size {config.batch_size} > {len(data.train)} train interactions; "
         f"training on one batch of {len(data.train)} per epoch")
@@ -135,6 +136,29 @@ def create_train_state(config: ml_collections.ConfigDict,
   state, static = layout.state.place(state), layout.static.place(static)
   return Experiment(config, backbone, alignment, info, static, optimizer, state, train_rng,
                     layout)
+
+
+def scaled_batch(config: ml_collections.ConfigDict, n_train: int) -> ml_collections.ConfigDict:
+  """`config` with `steps_per_epoch` applied: batch = n_train / steps_per_epoch rounded up to
+  a multiple of 1024 (at most n_train, never below config.batch_size), Adam's rate by the
+  square-root rule lr * sqrt(batch / batch_size).
+
+  Graph backbones propagate the whole graph in every step, so at a fixed batch size an
+  epoch costs (n_train / batch) x graph size, quadratic in the data; a fixed step count
+  keeps it linear. The square-root rule keeps the update's noise scale about constant as
+  the batch grows (Krizhevsky, arXiv:1404.5997)."""
+  if config.steps_per_epoch <= 0:
+    return config
+  per_step = -(-n_train // config.steps_per_epoch)
+  batch = max(config.batch_size, min(-(-per_step // 1024) * 1024, n_train))
+  if batch == config.batch_size:
+    return config
+  config = config.copy_and_resolve_references()
+  config.learning_rate = float(config.learning_rate * (batch / config.batch_size) ** 0.5)
+  log(f"steps_per_epoch {config.steps_per_epoch}: batch_size {config.batch_size} -> {batch}, "
+      f"learning_rate -> {config.learning_rate:.6g} (square-root rule)")
+  config.batch_size = int(batch)
+  return config
 
 
 def init_train_state(backbone, alignment, optimizer, static: StaticInputs, info: DataInfo,
@@ -326,9 +350,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in positive:
     if config[name] <= 0:
       raise ConfigError(f"config.{name} must be positive, got {config[name]}")
-  if config.max_epochs < 0 or config.learning_rate < 0 or config.valid_users_sample < 0:
-    raise ConfigError("config.max_epochs, config.learning_rate and config.valid_users_sample "
-                      "must not be negative")
+  if (config.max_epochs < 0 or config.learning_rate < 0 or config.valid_users_sample < 0
+      or config.steps_per_epoch < 0):
+    raise ConfigError("config.max_epochs, config.learning_rate, config.valid_users_sample and "
+                      "config.steps_per_epoch must not be negative")
   if not config.topk or min(config.topk) <= 0:
     raise ConfigError(f"config.topk must be positive cut-offs, got {tuple(config.topk)}")
   metric, _, k = config.selection_metric.partition("@")

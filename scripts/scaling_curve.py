@@ -19,7 +19,8 @@ log(interactions) over the sizes measured: 1 is linear growth.
 
 Batch size: --steps_per_epoch (default 64) fixes the number of steps per epoch, so the batch
 grows with the train interactions (a multiple of 1024, never below the config's) and Adam's
-learning rate follows the square-root rule lr = lr_0 * sqrt(B / B_0) (`scaled_batch`).
+learning rate follows the square-root rule lr = lr_0 * sqrt(B / B_0) (`config.steps_per_epoch`,
+`train.scaled_batch`).
 LightGCN-style backbones propagate the whole graph every step, so a fixed batch size makes
 an epoch cost (interactions / B) x graph size, quadratic in the data; a fixed step count
 makes it linear.
@@ -111,18 +112,6 @@ def ensure_set(millions: float) -> str:
   return folder
 
 
-def scaled_batch(config, n_train: int, steps_per_epoch: int) -> None:
-  """Batch size n_train / steps_per_epoch (a multiple of 1024) and Adam's learning rate by
-  the square-root rule, lr = lr_0 * sqrt(B / B_0): an epoch keeps a fixed number of
-  full-graph propagations, so its cost grows linearly with the interactions."""
-  if steps_per_epoch <= 0:
-    return
-  per_step = -(-n_train // steps_per_epoch)
-  batch = max(config.batch_size, -(-per_step // 1024) * 1024)
-  config.learning_rate = float(config.learning_rate * (batch / config.batch_size) ** 0.5)
-  config.batch_size = int(batch)
-
-
 class StageTimer:
   """Records `<stage>_s` (wall) and `<stage>_cpu_s` (this process's CPU, all threads: the
   figure that a shared, loaded machine distorts least) into `out`."""
@@ -158,12 +147,12 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) ->
     data = train.load_data(config)
   out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
              n_inter=len(data.train) + len(data.valid) + len(data.test))
-  scaled_batch(config, len(data.train), steps_per_epoch)
-  out.update(batch_size=config.batch_size, learning_rate=config.learning_rate)
+  config.steps_per_epoch = steps_per_epoch
   with StageTimer(out, "host"):
     run = train.create_train_state(config, data)
     eval_data = train.build_eval_data(data, run.config, run.layout)
     jax.block_until_ready((run.state, run.static, eval_data))
+  out.update(batch_size=run.config.batch_size, learning_rate=run.config.learning_rate)
   out["rss_after_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   del data
   epoch = train.make_train_epoch(run.backbone, run.alignment, run.config, run.optimizer,

@@ -147,6 +147,13 @@ def test_feedback_scores_and_direction_agreement_against_loops():
     for m in range(3):
       want = np.mean([users[u] @ items[i, m] for u in its_users]) if its_users else 0.0
       assert got[i, m] == pytest.approx(want, rel=1e-5, abs=1e-6)  # float32, as in training
+  cosines = figures.feedback_scores(users, items, pairs, kind="cosine")
+  for i in range(n_items):
+    its_users = [u for u, j in pairs if j == i]
+    for m in range(3):
+      want = np.mean([users[u] @ items[i, m] / np.linalg.norm(users[u])
+                      / np.linalg.norm(items[i, m]) for u in its_users]) if its_users else 0.0
+      assert cosines[i, m] == pytest.approx(want, rel=1e-5, abs=1e-6)
   # Agreement: the cleaner modality (smaller planted noise) has the higher score.
   scores_a, scores_b = np.array([1.0, 0.0, 2.0, 0.0]), np.array([0.0, 1.0, 1.0, 3.0])
   noise_a, noise_b = np.array([0.1, 0.1, 2.0, 2.0]), np.array([2.0, 2.0, 0.1, 0.1])

@@ -99,6 +99,7 @@ def test_epoch_compiles_once_and_a_retrace_would_fail(tiny_mmrec, tmp_path):
     ("selection_metric", "auc@20", "selection_metric"),
     ("model", "gru4rec", "unknown backbone"),
     ("alignment", "clip", "unknown alignment"),
+    ("steps_per_epoch", -1, "steps_per_epoch must not be negative"),
 ])
 def test_bad_config_is_one_clear_error(tiny_mmrec, tmp_path, field, value, message):
   config = tiny_config(tiny_mmrec)
@@ -204,6 +205,28 @@ def test_patience_counts_validation_passes(tiny_mmrec, tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert (result["best_epoch"], result["epochs"]) == (3, 9)
   assert result["stop"].startswith("patience: 2 validation passes")
+
+
+def test_steps_per_epoch_scales_batch_and_learning_rate_by_the_square_root_rule():
+  config = tiny_config("unused")
+  config.batch_size, config.learning_rate = 2048, 1e-3
+  assert train.scaled_batch(config, 100_000) is config  # 0: the batch size as given
+  config.steps_per_epoch = 16
+  scaled = train.scaled_batch(config, 100_000)  # 6250 per step -> 7168, a multiple of 1024
+  assert (scaled.batch_size, config.batch_size) == (7168, 2048)
+  np.testing.assert_allclose(scaled.learning_rate, 1e-3 * np.sqrt(7168 / 2048))
+  config.steps_per_epoch = 1000  # fewer than batch_size per step: batch_size stays
+  assert train.scaled_batch(config, 100_000).batch_size == 2048
+
+
+def test_steps_per_epoch_fixes_the_step_count_of_a_run(tiny_mmrec, tmp_path):
+  config = tiny_config(tiny_mmrec)
+  config.batch_size, config.max_epochs, config.steps_per_epoch = 8, 1, 1
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  n_train = result["data"]["n_train"]
+  assert result["config"]["batch_size"] == n_train  # n_train < 1024: one batch of all
+  np.testing.assert_allclose(result["config"]["learning_rate"],
+                             config.learning_rate * np.sqrt(result["config"]["batch_size"] / 8))
 
 
 def test_sample_of_validation_users_is_fixed_by_the_seed():
