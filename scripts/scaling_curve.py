@@ -46,6 +46,17 @@ _PER_ITEM = flags.DEFINE_float("per_item", 50.0, "Interactions per item.")
 _OVERRIDES = flags.DEFINE_list("overrides", [], "name=value config overrides (Python "
                                "literals), e.g. batch_size=8192.")
 _GENERATE_ONLY = flags.DEFINE_bool("generate_only", False, "Only write the sets.")
+_FEATURES = flags.DEFINE_list("features", [], "name:dims of content features to add (e.g. "
+                              "image:64,text:32; random, for cost only): the sets then live "
+                              "in set_<M>M_f<dims> folders, for the multi-modal configs.")
+_RANK_FRACTION = flags.DEFINE_float(
+    "rank_fraction", 1.0, "Rank this fraction of the users with held-out items (a fixed "
+    "sample) and scale the rank stage by its inverse: ranking costs the same per user, so "
+    "the largest sets need not be ranked whole. Rows say the fraction.")
+_GATHER_PROBE = flags.DEFINE_bool("gather_probe", False, "Only time a gather + segment sum "
+                                   "over tables of each size's users + items (ns per edge).")
+_APPEND = flags.DEFINE_bool("append", True, "Keep --out's earlier results.csv rows (other "
+                            "sizes or configs); rows measured now replace equal ones.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: 'config,data_dir' to measure.")
 _SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
 
@@ -100,7 +111,18 @@ def write_inter(folder: str, name: str, users, items, labels, rows_per_chunk: in
 
 
 def dataset_dir(millions: float) -> str:
-  return os.path.join(_OUT.value, f"set_{millions:g}M")
+  dims = "_".join(f.split(":")[1] for f in _FEATURES.value)
+  return os.path.join(_OUT.value, f"set_{millions:g}M" + (f"_f{dims}" if dims else ""))
+
+
+def write_features(folder: str, n_items: int, seed: int) -> None:
+  """--features as <name>_feat.npy (MMRec's names), standard normal float32 rows."""
+  rng = np.random.default_rng(seed + 1)
+  os.makedirs(folder, exist_ok=True)
+  for entry in _FEATURES.value:
+    name, dims = entry.split(":")
+    np.save(os.path.join(folder, f"{name}_feat.npy"),
+            rng.standard_normal((n_items, int(dims)), dtype=np.float32))
 
 
 def ensure_set(millions: float) -> str:
@@ -108,6 +130,7 @@ def ensure_set(millions: float) -> str:
   if not os.path.exists(os.path.join(folder, "scale.inter")):
     users, items, labels = generate(int(millions * 1e6), _PER_USER.value, _PER_ITEM.value,
                                     _SEED.value)
+    write_features(folder, int(items.max()) + 1, _SEED.value)
     write_inter(folder, "scale", users, items, labels)
   return folder
 
@@ -127,7 +150,8 @@ class StageTimer:
     self.out[f"{self.stage}_cpu_s"] = time.process_time() - self.cpu
 
 
-def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) -> dict:
+def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int,
+            rank_fraction: float = 1.0) -> dict:
   """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -142,7 +166,7 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) ->
       target = target[parent]
     target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(
         target[leaf], str) else value
-  out = {"config": config_name}
+  out = {"config": config_name + (f"[{','.join(overrides)}]" if overrides else "")}
   with StageTimer(out, "load"):
     data = train.load_data(config)
   out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
@@ -150,7 +174,13 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) ->
   config.steps_per_epoch = steps_per_epoch
   with StageTimer(out, "host"):
     run = train.create_train_state(config, data)
-    eval_data = train.build_eval_data(data, run.config, run.layout)
+    splits = [data.valid, data.test]
+    if rank_fraction < 1.0:  # a fixed sample of the users with held-out items
+      held = np.unique(np.concatenate([data.valid[:, 0], data.test[:, 0]]))
+      sample = np.random.default_rng(0).choice(held, max(1, int(rank_fraction * len(held))),
+                                               replace=False)
+      splits = [split[np.isin(split[:, 0], sample)] for split in splits]
+    eval_data = train.build_eval_data(data, run.config, run.layout, splits)
     jax.block_until_ready((run.state, run.static, eval_data))
   out.update(batch_size=run.config.batch_size, learning_rate=run.config.learning_rate)
   out["rss_after_host_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -169,6 +199,9 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int) ->
     ranker = evaluate.lower(state.params, state.model_state, run.static, eval_data).compile()
   with StageTimer(out, "rank"), jax.set_mesh(run.layout.mesh):
     metrics = jax.device_get(ranker(state.params, state.model_state, run.static, eval_data))
+  out["rank_fraction"] = rank_fraction
+  for key in ("rank_s", "rank_cpu_s"):
+    out[key] /= rank_fraction
   out["test_recall@20"] = float(metrics["recall@20"][1])
   out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   return out
@@ -220,6 +253,45 @@ def write_outputs(rows, out_dir: str) -> None:
   fig.savefig(os.path.join(out_dir, "scaling.png"), dpi=120)
 
 
+def gather_probe(sizes) -> list:
+  """ns per edge of one propagation's core, out[dst] += table[src] over 64-d float32 rows,
+  random edges, 10 per row, for tables of the sets' users + items: whether the per-edge
+  cost stays flat as the table outgrows the CPU caches (--gather_probe)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rows = []
+  for millions in sizes:
+    n_rows = int(millions * 1e6 / _PER_USER.value + millions * 1e6 / _PER_ITEM.value)
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((n_rows, 64), dtype=np.float32))
+    src = jnp.asarray(rng.integers(0, n_rows, 10 * n_rows), jnp.int32)
+    dst = jnp.asarray(np.sort(rng.integers(0, n_rows, 10 * n_rows)), jnp.int32)
+    step = jax.jit(lambda t, s, d: jax.ops.segment_sum(t[s], d, num_segments=t.shape[0]))
+    jax.block_until_ready(step(table, src, dst))
+    start = time.process_time()
+    for _ in range(3):
+      jax.block_until_ready(step(table, src, dst))
+    seconds = (time.process_time() - start) / 3
+    rows.append({"millions": millions, "table_rows": n_rows, "table_mib": n_rows * 256 / 2**20,
+                 "ns_per_edge": seconds / len(src) * 1e9})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def earlier_rows(path: str) -> list:
+  """results.csv's rows, numbers as numbers (empty if absent)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return []
+  def value(text):
+    try:
+      return float(text) if any(c in text for c in ".e") else int(text)
+    except ValueError:
+      return text
+  with open(path, newline="") as f:
+    return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
 _STEPS = flags.DEFINE_integer("steps_per_epoch", 64, "Batch size = train interactions / this "
                               "(square-root learning-rate rule); 0 keeps the config's.")
 
@@ -229,10 +301,13 @@ def main(argv):
   if _CHILD.value:
     config_name, data_dir = _CHILD.value.split(",", 1)
     print("RESULT " + json.dumps(measure(config_name, data_dir, _OVERRIDES.value,
-                                         _STEPS.value)), flush=True)
+                                         _STEPS.value, _RANK_FRACTION.value)), flush=True)
     return
   os.makedirs(_OUT.value, exist_ok=True)
-  rows = []
+  if _GATHER_PROBE.value:
+    gather_probe([float(m) for m in _SIZES.value])
+    return
+  rows = earlier_rows(os.path.join(_OUT.value, "results.csv")) if _APPEND.value else []
   machine = f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
   for millions in (float(s) for s in _SIZES.value):
     start = time.perf_counter()
@@ -242,7 +317,8 @@ def main(argv):
       continue
     for config_name in _CONFIGS.value:
       command = [sys.executable, os.path.abspath(__file__), f"--child={config_name},{folder}",
-                 f"--steps_per_epoch={_STEPS.value}", f"--overrides={','.join(_OVERRIDES.value)}"]
+                 f"--steps_per_epoch={_STEPS.value}", f"--overrides={','.join(_OVERRIDES.value)}",
+                 f"--rank_fraction={_RANK_FRACTION.value}"]
       child = subprocess.run(command, capture_output=True, text=True, check=False)
       lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
       if child.returncode or not lines:
@@ -250,12 +326,13 @@ def main(argv):
               f"{child.stderr[-2000:]}", flush=True)
         continue
       row = dict(json.loads(lines[-1][len("RESULT "):]), millions=millions, machine=machine)
+      rows = [r for r in rows if (r["config"], r["millions"]) != (row["config"], millions)]
       rows.append(row)
       print(json.dumps(row), flush=True)
       write_outputs(rows, _OUT.value)
   if rows:
     print(json.dumps({c: fitted_slopes([r for r in rows if r["config"] == c])
-                      for c in _CONFIGS.value}, indent=2))
+                      for c in sorted({r["config"] for r in rows})}, indent=2))
 
 
 if __name__ == "__main__":

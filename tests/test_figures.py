@@ -120,6 +120,42 @@ def test_fig4_one_way_against_bidirectional_over_theta(tmp_path):
   assert float(theta["mean"]) == pytest.approx((0.09 + 1.09) / 2 / 2)
 
 
+def test_fig4_share_of_items_above_theta_from_trained_runs(tiny_mmrec, tmp_path):
+  """The share file from a real one-way run: Eq. 2 recomputed here from its exported
+  parameters, by both feedback choices, against the CSV."""
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
+  from fettle_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from fettle_jax.alignment import modalities  # pylint: disable=g-import-not-at-top
+  from tests.conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  grid = tmp_path / "grid"
+  config = tiny_config(tiny_mmrec, "bpr", "fettle")
+  config.max_epochs = 2
+  train.train_and_evaluate(config, str(grid / "one_way"))
+  fake_run(str(grid / "theta0.5"), 1e-3, 1e-3, 0, 0.5, 0.3, theta=0.5)
+  assert figures_tool.main(["figures.py", "fig4", f"--grid={grid}", f"--out={tmp_path}"]) == 0
+  with open(tmp_path / "fig4_share.csv") as f:
+    rows = {(r["feedback"], float(r["theta"])): float(r["share_mean"]) for r in csv.DictReader(f)}
+  assert set(t for _, t in rows) == set(figures_tool.FIG4_THETAS) | {0.5}
+  run = workdir_lib.load_run(str(grid / "one_way"))
+  reps = workdir_lib.represent(run)
+  projectors = run.params["alignment"]["projectors"]
+  items = np.asarray(modalities.all_item_modality_embeddings(
+      projectors, reps, run.experiment.static.features,
+      modalities.modality_names(list(projectors)), False))
+  users = np.asarray(reps.users)
+  for kind in ("dot", "cosine"):
+    scores = []
+    for item in np.unique(run.data.train[:, 1]):
+      its_users = users[run.data.train[run.data.train[:, 1] == item, 0]]
+      for m in range(items.shape[1]):
+        x = its_users @ items[item, m]
+        if kind == "cosine":
+          x = x / np.linalg.norm(its_users, axis=1) / np.linalg.norm(items[item, m])
+        scores.append(x.mean())
+    for theta in (0.0, 0.5, 0.9):
+      assert rows[(kind, theta)] == pytest.approx(np.mean(np.array(scores) > theta), abs=0.02)
+
+
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
   fake_run(str(tmp_path / "one_way" / "run"), 1e-3, 1e-3, 0, 0.5, 0.3)
   for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig5|fig6|fig8"),

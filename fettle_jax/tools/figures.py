@@ -26,7 +26,9 @@ fig6 (Sec 4.5): 2-D t-SNE of --users users (those with a median number of train 
 fig4 (Sec 4.4): one-way vs bidirectional alignment over theta, from a folder of runs that
   differ in fettle.bidirectional_threshold (run.py --sweep=fettle.bidirectional_threshold=
   -1,0,0.25,...; negative = one-way, the reference line): test Recall@10 and @20, mean ±
-  std over seeds. Writes fig4.csv and fig4.png.
+  std over seeds. Writes fig4.csv and fig4.png; and, from the one-way runs' best
+  parameters, the share of (item, modality) pairs whose Eq. 2 score (dot and cosine)
+  exceeds each theta: fig4_share.csv and fig4_share.png.
 fig8 (Sec 4.6): sensitivity heatmaps over two swept fields of a grid folder (run.py
   --sweep ...; any folder of runs whose metrics.json differ in those fields): validation
   and test Recall@20, mean over seeds. Writes fig8_<x>_<y>.csv and .png.
@@ -192,23 +194,51 @@ def fig6(out: str) -> list:
   return points
 
 
-def grid_results() -> list:
-  """metrics.json of every run folder under --grid."""
+def grid_runs() -> list:
+  """(folder, metrics.json) of every run folder under --grid."""
   files = sorted(glob.glob(os.path.join(_GRID.value, "*", "metrics.json")))
   if not files:
     raise ConfigError(f"--grid={_GRID.value}: no */metrics.json there")
-  results = []
+  runs = []
   for file in files:
     with open(file) as f:
-      results.append(json.load(f))
-  return results
+      runs.append((os.path.dirname(file), json.load(f)))
+  return runs
+
+
+def grid_results() -> list:
+  """metrics.json of every run folder under --grid."""
+  return [result for _, result in grid_runs()]
+
+
+def feedback_above(workdir: str, thetas) -> dict:
+  """{kind: [share of (item, modality) pairs with s_i^m > theta for each theta]}: Eq. 2 over
+  every item's train users (items with one), from the run's best parameters, by both
+  choices of config.fettle.feedback; the share a bidirectional threshold theta reaches."""
+  from fettle_jax.alignment import modalities  # pylint: disable=g-import-not-at-top  # JAX
+  run = workdir_lib.load_run(workdir)
+  reps = workdir_lib.represent(run)
+  projectors = run.params["alignment"]["projectors"]
+  names = modalities.modality_names(list(projectors))
+  items = np.asarray(modalities.all_item_modality_embeddings(
+      projectors, reps, run.experiment.static.features, names,
+      run.experiment.config.fettle.use_backbone_modalities))
+  has_users = np.bincount(run.data.train[:, 1], minlength=run.data.n_items) > 0
+  shares = {}
+  for kind in ("dot", "cosine"):
+    scores = figures.feedback_scores(np.asarray(reps.users), items, run.data.train,
+                                     kind)[has_users]
+    shares[kind] = [float(np.mean(scores > theta)) for theta in thetas]
+  return shares
 
 
 THETA = "fettle.bidirectional_threshold"
+FIG4_THETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # the paper's Fig. 4 axis
 
 
 def fig4(out: str) -> dict:
-  results = grid_results()
+  runs = grid_runs()
+  results = [result for _, result in runs]
   one_way = [r for r in results if figures.config_field(r, THETA) < 0]
   both = [r for r in results if figures.config_field(r, THETA) >= 0]
   if not one_way or not both:
@@ -232,6 +262,28 @@ def fig4(out: str) -> dict:
                      f"{config['model']} + FETTLE: one-way vs bidirectional alignment "
                      "(Sec 4.4)", reference)
   print(f"wrote {os.path.join(out, 'fig4.png')} and .csv", flush=True)
+  # How many items a threshold reaches: the one-way runs' Eq. 2 scores against the thetas.
+  thetas = sorted(set(FIG4_THETAS) | {float(x) for x in series[next(iter(series))][0]})
+  folders = [folder for folder, result in runs if figures.config_field(result, THETA) < 0]
+  if not all(os.path.isdir(workdir_lib.best_checkpoint_dir(f)) for f in folders):
+    print("fig4_share: skipped (a one-way run has no best checkpoint)", flush=True)
+    return series
+  shares = [feedback_above(folder, thetas) for folder in folders]
+  share_series = {}
+  with open(os.path.join(out, "fig4_share.csv"), "w") as f:
+    f.write("feedback,theta,share_mean,share_std,runs\n")
+    for kind in ("dot", "cosine"):
+      values = np.array([s[kind] for s in shares])  # [runs, thetas]
+      mean, std = values.mean(axis=0), values.std(axis=0)
+      f.writelines(f"{kind},{t:g},{m:.6f},{d:.6f},{len(shares)}\n"
+                   for t, m, d in zip(thetas, mean, std))
+      share_series[f"s_i^m by {kind} (Eq. 2)"] = (thetas, mean, std)
+  figures.line_chart(os.path.join(out, "fig4_share.png"), "theta", share_series,
+                     "share of (item, modality) pairs with s_i^m > theta",
+                     f"{config['model']} + FETTLE (one-way runs, trained with "
+                     f"{config['fettle'].get('feedback', 'dot')} feedback): items a "
+                     "bidirectional threshold reaches", None)
+  print(f"wrote {os.path.join(out, 'fig4_share.png')} and .csv", flush=True)
   return series
 
 
