@@ -150,14 +150,10 @@ class StageTimer:
     self.out[f"{self.stage}_cpu_s"] = time.process_time() - self.cpu
 
 
-def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int,
-            rank_fraction: float = 1.0) -> dict:
-  """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
+def load_config(config_name: str, overrides):
+  """configs/<config_name>.py with name=value overrides (Python literals)."""
   import importlib  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from fettle_jax import train  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"configs.{config_name}").get_config()
-  config.data.path, config.data.prepare = data_dir, ""
   for item in overrides:
     name, value = item.split("=", 1)
     target = config
@@ -166,11 +162,39 @@ def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int,
       target = target[parent]
     target[leaf] = type(target[leaf])(json.loads(value)) if not isinstance(
         target[leaf], str) else value
-  out = {"config": config_name + (f"[{','.join(overrides)}]" if overrides else "")}
+  return config
+
+
+def predicted_gib(row: dict) -> float:
+  """scripts/scaling_table.py's prediction from shapes (one device) for a results row: the
+  measured peak RSS's counterpart (the host also holds the data set and XLA's own buffers)."""
+  import scaling_table  # pylint: disable=g-import-not-at-top  # this script's folder
+  name, _, rest = row["config"].partition("[")
+  overrides = [o for o in rest.rstrip("]").split(",") if o and not o.startswith("steps_")]
+  config = load_config(name, overrides)
+  config.batch_size = int(row["batch_size"])
+  dims = {k[len("feature_"):]: int(v) for k, v in row.items() if k.startswith("feature_")}
+  bytes_ = scaling_table.predict(config, int(row["n_users"]), int(row["n_items"]),
+                                 int(row["n_train"]), dims, 1, 1)
+  return bytes_["total"] / 2**30
+
+
+def measure(config_name: str, data_dir: str, overrides, steps_per_epoch: int,
+            rank_fraction: float = 1.0) -> dict:
+  """In this process: the stages' seconds and the peak RSS (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fettle_jax import train  # pylint: disable=g-import-not-at-top
+  config = load_config(config_name, overrides)
+  config.data.path, config.data.prepare = data_dir, ""
+  # Rows of other settings than the default 64 steps keep apart in the CSV and the slopes.
+  labels = list(overrides) + ([f"steps_per_epoch={steps_per_epoch}"]
+                              if steps_per_epoch != _STEPS.default else [])
+  out = {"config": config_name + (f"[{','.join(labels)}]" if labels else "")}
   with StageTimer(out, "load"):
     data = train.load_data(config)
   out.update(n_users=data.n_users, n_items=data.n_items, n_train=len(data.train),
-             n_inter=len(data.train) + len(data.valid) + len(data.test))
+             n_inter=len(data.train) + len(data.valid) + len(data.test),
+             **{f"feature_{k}": v.shape[1] for k, v in data.features.items()})
   config.steps_per_epoch = steps_per_epoch
   with StageTimer(out, "host"):
     run = train.create_train_state(config, data)
@@ -227,6 +251,9 @@ def write_outputs(rows, out_dir: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  for row in rows:
+    if "predicted_gib" not in row:
+      row["predicted_gib"] = predicted_gib(row)
   keys = sorted({k for r in rows for k in r})
   with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
