@@ -53,8 +53,8 @@ _RANK_FRACTION = flags.DEFINE_float(
     "rank_fraction", 1.0, "Rank this fraction of the users with held-out items (a fixed "
     "sample) and scale the rank stage by its inverse: ranking costs the same per user, so "
     "the largest sets need not be ranked whole. Rows say the fraction.")
-_GATHER_PROBE = flags.DEFINE_bool("gather_probe", False, "Only time a gather + segment sum "
-                                   "over tables of each size's users + items (ns per edge).")
+_GATHER_PROBE = flags.DEFINE_bool("gather_probe", False, "Only time LightGCN's graph product "
+                                   "on each size's users x items graph (ns per edge).")
 _APPEND = flags.DEFINE_bool("append", True, "Keep --out's earlier results.csv rows (other "
                             "sizes or configs); rows measured now replace equal ones.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: 'config,data_dir' to measure.")
@@ -281,26 +281,30 @@ def write_outputs(rows, out_dir: str) -> None:
 
 
 def gather_probe(sizes) -> list:
-  """ns per edge of one propagation's core, out[dst] += table[src] over 64-d float32 rows,
-  random edges, 10 per row, for tables of the sets' users + items: whether the per-edge
-  cost stays flat as the table outgrows the CPU caches (--gather_probe)."""
+  """ns per edge of LightGCN's graph product (`graphs.propagate_symmetric`: the CSR kernel,
+  64-d float32 rows) on each size's users x items graph with uniform random train edges:
+  whether the per-edge cost stays flat as the table outgrows the CPU caches
+  (--gather_probe)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fettle_jax import graphs  # pylint: disable=g-import-not-at-top
   rows = []
   for millions in sizes:
-    n_rows = int(millions * 1e6 / _PER_USER.value + millions * 1e6 / _PER_ITEM.value)
+    n_users, n_items = int(millions * 1e6 / _PER_USER.value), int(millions * 1e6 / _PER_ITEM.value)
+    n_train = int(0.8 * millions * 1e6)
     rng = np.random.default_rng(0)
-    table = jnp.asarray(rng.standard_normal((n_rows, 64), dtype=np.float32))
-    src = jnp.asarray(rng.integers(0, n_rows, 10 * n_rows), jnp.int32)
-    dst = jnp.asarray(np.sort(rng.integers(0, n_rows, 10 * n_rows)), jnp.int32)
-    step = jax.jit(lambda t, s, d: jax.ops.segment_sum(t[s], d, num_segments=t.shape[0]))
-    jax.block_until_ready(step(table, src, dst))
+    graph = graphs.user_item_graph(rng.integers(0, n_users, n_train),
+                                   rng.integers(0, n_items, n_train), n_users, n_items)
+    table = jnp.asarray(rng.standard_normal((n_users + n_items, 64), dtype=np.float32))
+    product = jax.jit(graphs.propagate_symmetric)
+    jax.block_until_ready(product(graph, table))
     start = time.process_time()
     for _ in range(3):
-      jax.block_until_ready(step(table, src, dst))
+      jax.block_until_ready(product(graph, table))
     seconds = (time.process_time() - start) / 3
-    rows.append({"millions": millions, "table_rows": n_rows, "table_mib": n_rows * 256 / 2**20,
-                 "ns_per_edge": seconds / len(src) * 1e9})
+    rows.append({"millions": millions, "table_rows": n_users + n_items,
+                 "table_mib": (n_users + n_items) * 256 / 2**20,
+                 "ns_per_edge": seconds / (2 * n_train) * 1e9})
     print(json.dumps(rows[-1]), flush=True)
   return rows
 
