@@ -340,7 +340,7 @@ def main(argv):
     return
   rows = earlier_rows(os.path.join(_OUT.value, "results.csv")) if _APPEND.value else []
   machine = f"{os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
-  for millions in (float(s) for s in _SIZES.value):
+  for millions in (float(s) for s in _SIZES.value if s):
     start = time.perf_counter()
     folder = ensure_set(millions)
     print(f"set {millions:g}M: {folder} ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -362,6 +362,7 @@ def main(argv):
       print(json.dumps(row), flush=True)
       write_outputs(rows, _OUT.value)
   if rows:
+    write_outputs(rows, _OUT.value)  # also redraws earlier rows (e.g. --sizes= alone)
     print(json.dumps({c: fitted_slopes([r for r in rows if r["config"] == c])
                       for c in sorted({r["config"] for r in rows})}, indent=2))
 
