@@ -195,6 +195,16 @@ def test_bad_grid_is_one_clear_error(settings, message):
     grid.check_settings(base.get_config("bpr"), settings)
 
 
+def test_sweeping_the_learning_rate_under_the_steps_per_epoch_rule_is_one_clear_error():
+  from configs import base  # pylint: disable=g-import-not-at-top
+  config = base.get_config("bpr")
+  settings = [{"seed": 0, "learning_rate": 1e-3}, {"seed": 0, "learning_rate": 1e-2}]
+  assert grid.check_settings(config, settings) == ["learning_rate"]
+  config.steps_per_epoch = 16
+  with pytest.raises(ConfigError, match="cannot sweep learning_rate"):
+    grid.check_settings(config, settings)
+
+
 def test_sweeping_a_field_the_model_branches_on_is_one_clear_error(tiny_mmrec, tmp_path):
   # FREEDOM's edge dropout decides in Python whether the pruned graph is drawn.
   config = tiny_config(tiny_mmrec, model="freedom")
