@@ -110,14 +110,24 @@ def read_json(path, default):
     return json.load(f)
 
 
+def final_metrics(workdir: str) -> Optional[dict]:
+  """The run's metrics.json once its last, early-stopped segment has ended, else None: every
+  segment writes one, so its presence alone does not mean the run is done."""
+  metrics = read_json(workdir_lib.metrics_path(workdir), None)
+  if metrics is None or metrics["config"]["max_epochs"] != _MAX_EPOCHS.value:
+    return None
+  return metrics
+
+
 def direction_run(seed: int, feedback: str, data, noise, mixed):
   """BPR+FETTLE trained in segments, measured after each; returns (rows, result or None)."""
   folder = os.path.join(_OUT.value, f"s{seed}")
   workdir = os.path.join(folder, f"bpr_fettle_{feedback}")
   measured_file = os.path.join(folder, f"directions_{feedback}.json")
   rows = read_json(measured_file, [])
-  if _ONLY_TABLE.value or workdir_lib.finished(workdir):
-    return rows, read_json(workdir_lib.metrics_path(workdir), None)
+  result = final_metrics(workdir)
+  if _ONLY_TABLE.value or (result is not None and rows and rows[-1]["epoch"] >= result["epochs"]):
+    return rows, result
   config = twin_config("bpr", seed, "fettle", feedback)
   experiment = train.create_train_state(config, data)
   if not rows:
