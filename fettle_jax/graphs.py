@@ -43,6 +43,31 @@ def csr_matrix(graph: Graph, n_nodes: int) -> sparse.BCSR:
   return sparse.BCSR((graph.weights, graph.senders, indptr), shape=(n_nodes, n_nodes))
 
 
+def _csr_product(senders: Array, receivers: Array, weights: Array, x: Array) -> Array:
+  """out[r] = sum_{(s, r)} w_sr x[s] for 2-D x, as one CSR sparse-dense product."""
+  return csr_matrix(Graph(senders, receivers, weights), x.shape[0]) @ x
+
+
+@jax.custom_batching.custom_vmap
+def csr_product(senders: Array, receivers: Array, weights: Array, x: Array) -> Array:
+  """_csr_product with its own batching rule: under `jax.vmap` over x alone (a grid of
+  settings sharing one graph) the settings' columns go through one product, A @ [x_1 ..
+  x_S]. The sparse library's rule for a batched dense operand runs ~12x slower than S
+  separate products on CPU; one wide product is faster than S separate ones."""
+  return _csr_product(senders, receivers, weights, x)
+
+
+@csr_product.def_vmap
+def _csr_product_batched(axis_size, in_batched, senders, receivers, weights, x):
+  if any(in_batched[:3]):  # settings with their own graphs: the sparse library's rule
+    in_axes = tuple(0 if batched else None for batched in in_batched)
+    return jax.vmap(_csr_product, in_axes=in_axes)(senders, receivers, weights, x), True
+  n = x.shape[1]
+  columns = jnp.moveaxis(x, 0, 1)  # [n, S, ...]
+  out = csr_product(senders, receivers, weights, columns.reshape(n, -1))
+  return jnp.moveaxis(out.reshape(columns.shape), 1, 0), True
+
+
 def row_dot(a: Array, b: Array) -> Array:
   """sum(a * b, axis=-1) for [n, d] rows: the product, then a matrix-vector product with
   ones. XLA's CPU backend fuses gathers + multiply + row reduction into one loop that runs
@@ -79,7 +104,7 @@ def _product(senders, receivers, weights, x):
   graph = Graph(senders, receivers, weights)
   if sharding.model_axis_size() > 1:
     return propagate(graph, x)
-  return csr_matrix(graph, x.shape[0]) @ x
+  return csr_product(senders, receivers, weights, x)
 
 
 # The edge arrays are explicit (integer, non-differentiated) inputs of the custom VJPs, not
@@ -192,8 +217,7 @@ def propagate_symmetric(graph: Graph, x: Array) -> Array:
   if sharding.model_axis_size() > 1:
     product = functools.partial(propagate_row_blocks, graph)
   else:
-    matrix = csr_matrix(graph, x.shape[0])
-    product = lambda v: matrix @ v
+    product = functools.partial(csr_product, *graph)
 
   @jax.custom_vjp
   def multiply(v):
