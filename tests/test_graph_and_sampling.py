@@ -130,13 +130,20 @@ def test_epoch_batches_are_reproducible():
   chex.assert_trees_all_equal(a, b)
 
 
-def test_symmetric_propagation_and_its_gradient_match_dense():
-  rng = np.random.default_rng(4)
-  pairs = np.unique(np.stack([rng.integers(0, 12, 50), rng.integers(0, 9, 50)], 1), axis=0)
-  graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], 12, 9)
-  dense = np.zeros((21, 21))
+def random_user_item_graph(rng, n_users, n_items, n_pairs):
+  """A normalized user-item graph of random pairs and its dense matrix A[r, s] = w_sr."""
+  pairs = np.unique(np.stack([rng.integers(0, n_users, n_pairs),
+                              rng.integers(0, n_items, n_pairs)], 1), axis=0)
+  graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], n_users, n_items)
+  dense = np.zeros((n_users + n_items,) * 2)
   np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
             np.asarray(graph.weights))
+  return graph, dense
+
+
+def test_symmetric_propagation_and_its_gradient_match_dense():
+  rng = np.random.default_rng(4)
+  graph, dense = random_user_item_graph(rng, 12, 9, 50)
   np.testing.assert_allclose(dense, dense.T, atol=1e-7)  # the user-item graph is symmetric
   x = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
   probe = jnp.asarray(rng.normal(size=(21, 5)), jnp.float32)
@@ -152,11 +159,7 @@ def test_csr_product_under_vmap_matches_dense_per_setting():
   """A grid's vmap over the dense operand (one shared graph) and over the weights (settings
   with their own graphs) both give each setting's dense product, gradients included."""
   rng = np.random.default_rng(5)
-  pairs = np.unique(np.stack([rng.integers(0, 10, 40), rng.integers(0, 7, 40)], 1), axis=0)
-  graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], 10, 7)
-  dense = np.zeros((17, 17))
-  np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
-            np.asarray(graph.weights))
+  graph, dense = random_user_item_graph(rng, 10, 7, 40)
   x = jnp.asarray(rng.normal(size=(3, 17, 4)), jnp.float32)
   probe = jnp.asarray(rng.normal(size=(3, 17, 4)), jnp.float32)
   out = jax.jit(jax.vmap(functools.partial(graphs.propagate_symmetric, graph)))(x)
