@@ -50,22 +50,30 @@ def _csr_product(senders: Array, receivers: Array, weights: Array, x: Array) -> 
 
 @jax.custom_batching.custom_vmap
 def csr_product(senders: Array, receivers: Array, weights: Array, x: Array) -> Array:
-  """_csr_product with its own batching rule: under `jax.vmap` over x alone (a grid of
-  settings sharing one graph) the settings' columns go through one product, A @ [x_1 ..
-  x_S]. The sparse library's rule for a batched dense operand runs ~12x slower than S
-  separate products on CPU; one wide product is faster than S separate ones."""
+  """_csr_product with its own batching rule for a grid's `jax.vmap` (S settings): one
+  shared graph puts the settings' columns through one product, A @ [x_1 .. x_S]; settings
+  with their own edges or weights (SGL's views, learned weights) go through one
+  block-diagonal product. The sparse library's rule for a batched dense operand runs ~12x
+  slower than S separate products on CPU."""
   return _csr_product(senders, receivers, weights, x)
 
 
 @csr_product.def_vmap
 def _csr_product_batched(axis_size, in_batched, senders, receivers, weights, x):
-  if any(in_batched[:3]):  # settings with their own graphs: the sparse library's rule
-    in_axes = tuple(0 if batched else None for batched in in_batched)
-    return jax.vmap(_csr_product, in_axes=in_axes)(senders, receivers, weights, x), True
+  if not any(in_batched[:3]):
+    n = x.shape[1]
+    columns = jnp.moveaxis(x, 0, 1)  # [n, S, d]
+    out = csr_product(senders, receivers, weights, columns.reshape(n, -1))
+    return jnp.moveaxis(out.reshape(columns.shape), 1, 0), True
+  senders, receivers, weights, x = (
+      a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, batched in zip((senders, receivers, weights, x), in_batched))
   n = x.shape[1]
-  columns = jnp.moveaxis(x, 0, 1)  # [n, S, ...]
-  out = csr_product(senders, receivers, weights, columns.reshape(n, -1))
-  return jnp.moveaxis(out.reshape(columns.shape), 1, 0), True
+  # Setting k's nodes become rows k*n .. k*n + n - 1: receivers stay sorted.
+  offsets = (jnp.arange(axis_size, dtype=senders.dtype) * n)[:, None]
+  out = csr_product((senders + offsets).reshape(-1), (receivers + offsets).reshape(-1),
+                    weights.reshape(-1), x.reshape(axis_size * n, -1))
+  return out.reshape(x.shape), True
 
 
 def row_dot(a: Array, b: Array) -> Array:

@@ -174,3 +174,17 @@ def test_csr_product_under_vmap_matches_dense_per_setting():
                                                       s * graph.weights, v))(scales, x)
   chex.assert_trees_all_close(
       np.asarray(weighted), np.einsum("b,rs,bsd->brd", scales, dense, x), rtol=1e-5, atol=1e-6)
+  # Settings with their own edges (as SGL's views): each its own dense product.
+  other, _ = random_user_item_graph(rng, 10, 7, 40)
+  n_edges = min(graph.senders.shape[0], other.senders.shape[0])
+  views = [graphs.Graph(*(a[:n_edges] for a in g)) for g in (graph, other)]
+  denses = []
+  for view in views:
+    view_dense = np.zeros((17, 17))
+    np.add.at(view_dense, (np.asarray(view.receivers), np.asarray(view.senders)),
+              np.asarray(view.weights))
+    denses.append(view_dense)
+  stacked = graphs.Graph(*(jnp.stack(arrays) for arrays in zip(*views)))
+  out = jax.jit(jax.vmap(lambda g, v: graphs.csr_product(*g, v)))(stacked, x[:2])
+  chex.assert_trees_all_close(np.asarray(out), np.einsum("brs,bsd->brd", np.stack(denses), x[:2]),
+                              rtol=1e-5, atol=1e-6)
