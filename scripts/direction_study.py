@@ -173,10 +173,12 @@ def mean_std(values, scale=1.0, digits=1, suffix="%"):
   return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.{digits}f}{suffix}"
 
 
-def direction_lines(feedback: str, per_seed: Dict[int, list]) -> List[str]:
-  """Per epoch, mean +- std over the seeds measured at that epoch."""
-  epochs = sorted({r["epoch"] for rows in per_seed.values() for r in rows[:-1]})
-  finals = [rows[-1] for rows in per_seed.values() if rows]
+def direction_lines(feedback: str, per_seed: Dict[int, list], finished: List[int]) -> List[str]:
+  """Per epoch, mean +- std over the seeds measured at that epoch; the early-stopped end of
+  the `finished` seeds (the last row of each) in a row of its own."""
+  segments = {seed: rows[:-1] if seed in finished else rows for seed, rows in per_seed.items()}
+  epochs = sorted({r["epoch"] for rows in segments.values() for r in rows})
+  finals = [per_seed[seed][-1] for seed in finished if per_seed.get(seed)]
   lines = [f"BPR+FETTLE trained with `feedback={feedback}`:", "",
            "| epoch | seeds | agreement, mixed items | agreement, all items | mixed, by dot "
            "scores | mixed, by cosine scores | ID on top | noisy / clean length |",
@@ -188,7 +190,7 @@ def direction_lines(feedback: str, per_seed: Dict[int, list]) -> List[str]:
                 "agreement_mixed_cosine", "id_on_top"))
             + f" | {mean_std([r['noisy_over_clean_length'] for r in picked], 1.0, 2, '')} |")
   for epoch in epochs:
-    lines.append(row(epoch, [r for rows in per_seed.values() for r in rows[:-1]
+    lines.append(row(epoch, [r for rows in segments.values() for r in rows
                              if r["epoch"] == epoch]))
   if finals:
     lines.append(row(f"early stop ({', '.join(str(r['epoch']) for r in finals)})", finals))
@@ -249,7 +251,8 @@ def main(argv):
 
   lines = []
   for feedback, by_seed in directions.items():
-    lines += direction_lines(feedback, by_seed) + [""]
+    finished = [seed for seed in by_seed if results.get(("bpr", feedback, seed)) is not None]
+    lines += direction_lines(feedback, by_seed, finished) + [""]
   lines += ["| model | FETTLE feedback | seeds | best epoch | test R@20 | test N@20 | "
             "valid R@20 |", "| --- | --- | --- | --- | --- | --- | --- |"]
   for model in _MODELS.value:
