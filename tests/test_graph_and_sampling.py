@@ -130,15 +130,20 @@ def test_epoch_batches_are_reproducible():
   chex.assert_trees_all_equal(a, b)
 
 
+def dense_matrix(graph, n_nodes):
+  """The graph's dense matrix A[r, s] = w_sr."""
+  dense = np.zeros((n_nodes, n_nodes))
+  np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
+            np.asarray(graph.weights))
+  return dense
+
+
 def random_user_item_graph(rng, n_users, n_items, n_pairs):
-  """A normalized user-item graph of random pairs and its dense matrix A[r, s] = w_sr."""
+  """A normalized user-item graph of random pairs and its dense matrix."""
   pairs = np.unique(np.stack([rng.integers(0, n_users, n_pairs),
                               rng.integers(0, n_items, n_pairs)], 1), axis=0)
   graph = graphs.user_item_graph(pairs[:, 0], pairs[:, 1], n_users, n_items)
-  dense = np.zeros((n_users + n_items,) * 2)
-  np.add.at(dense, (np.asarray(graph.receivers), np.asarray(graph.senders)),
-            np.asarray(graph.weights))
-  return graph, dense
+  return graph, dense_matrix(graph, n_users + n_items)
 
 
 def test_symmetric_propagation_and_its_gradient_match_dense():
@@ -178,12 +183,7 @@ def test_csr_product_under_vmap_matches_dense_per_setting():
   other, _ = random_user_item_graph(rng, 10, 7, 40)
   n_edges = min(graph.senders.shape[0], other.senders.shape[0])
   views = [graphs.Graph(*(a[:n_edges] for a in g)) for g in (graph, other)]
-  denses = []
-  for view in views:
-    view_dense = np.zeros((17, 17))
-    np.add.at(view_dense, (np.asarray(view.receivers), np.asarray(view.senders)),
-              np.asarray(view.weights))
-    denses.append(view_dense)
+  denses = [dense_matrix(view, 17) for view in views]
   stacked = graphs.Graph(*(jnp.stack(arrays) for arrays in zip(*views)))
   out = jax.jit(jax.vmap(lambda g, v: graphs.csr_product(*g, v)))(stacked, x[:2])
   chex.assert_trees_all_close(np.asarray(out), np.einsum("brs,bsd->brd", np.stack(denses), x[:2]),
