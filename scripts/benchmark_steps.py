@@ -26,10 +26,11 @@ implementation (fettle_jax/alignment/fettle/equations.py, `config.fettle.impleme
 timed in the same alternating rounds as the default path (the row `fettle`).
 `--json=FILE` writes every number.
 
-`--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout's single-file
-fettle_jax/alignment/fettle.py (e.g. `git worktree add /tmp/before <commit>`), loaded as
-its own module (the rest of the code is this tree's) and timed in the same process and
-the same alternating rounds, so a before/after comparison shares the machine's state.
+`--baseline=DIR` adds a row `fettle@baseline`: FETTLE from another checkout
+(fettle_jax/alignment/fettle/ or an older single-file fettle.py; e.g. `git worktree add
+/tmp/before <commit>`), loaded as modules of its own (the rest of the code is this tree's)
+and timed in the same process and the same alternating rounds, so a before/after
+comparison shares the machine's state.
 
 `--mesh=DxM` runs the steps on a data x model device mesh (e.g. 1x8 with
 JAX_NUM_CPU_DEVICES=8) and prints, per variant, the bytes the first device holds of the
@@ -43,7 +44,9 @@ import importlib
 import importlib.util
 import json
 import os
+import pkgutil
 import statistics
+import sys
 import time
 
 from absl import app
@@ -176,33 +179,72 @@ def term_rows(data, backbone_name, entry):
   return rows
 
 
-_baseline_modules = {}
+FETTLE_PACKAGE = "fettle_jax.alignment.fettle"
+_baseline_modules = {}  # checkout -> {module name: module} of its FETTLE
 
 
-def load_baseline_fettle(checkout: str):
-  """That checkout's fettle.py as a module of its own (its imports resolve to this tree);
-  loaded once per checkout."""
+def _fettle_entries() -> dict:
+  return {name: module for name, module in sys.modules.items()
+          if name == FETTLE_PACKAGE or name.startswith(FETTLE_PACKAGE + ".")}
+
+
+def _swap_fettle_entries(modules: dict) -> dict:
+  """Puts `modules` in sys.modules under FETTLE's names; returns the entries it replaced."""
+  replaced = _fettle_entries()
+  for name in replaced:
+    del sys.modules[name]
+  sys.modules.update(modules)
+  return replaced
+
+
+def load_baseline_fettle(checkout: str) -> dict:
+  """That checkout's FETTLE (the package fettle_jax/alignment/fettle/ or an older
+  single-file fettle.py), every submodule loaded under FETTLE's own module names while
+  they point at it; all other imports resolve to this tree. Loaded once per checkout."""
   if checkout in _baseline_modules:
     return _baseline_modules[checkout]
-  path = os.path.join(checkout, "fettle_jax", "alignment", "fettle.py")
-  if not os.path.isfile(path):
-    raise app.UsageError(f"--baseline: no {path}")
-  spec = importlib.util.spec_from_file_location("baseline_fettle", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  _baseline_modules[checkout] = module
-  return module
+  folder = os.path.join(checkout, "fettle_jax", "alignment", "fettle")
+  if os.path.isfile(os.path.join(folder, "__init__.py")):
+    path, search = os.path.join(folder, "__init__.py"), [folder]
+  elif os.path.isfile(folder + ".py"):
+    path, search = folder + ".py", None
+  else:
+    raise app.UsageError(f"--baseline: no {folder}/ or {folder}.py")
+  ours = _swap_fettle_entries({})
+  try:
+    spec = importlib.util.spec_from_file_location(FETTLE_PACKAGE, path,
+                                                  submodule_search_locations=search)
+    sys.modules[FETTLE_PACKAGE] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for submodule in pkgutil.iter_modules(search or []):
+      importlib.import_module(f"{FETTLE_PACKAGE}.{submodule.name}")
+  except ImportError as e:
+    raise app.UsageError(f"--baseline: {path} imports what this tree lacks: {e}") from e
+  finally:
+    theirs = _swap_fettle_entries(ours)
+  _baseline_modules[checkout] = theirs
+  return theirs
 
 
 @contextlib.contextmanager
-def fettle_module(module):
-  """train.py's alignment lookup returns `module` for 'fettle' inside the block."""
+def baseline_fettle():
+  """Inside the block FETTLE is --baseline's, for train.py's alignment lookup and for the
+  imports its code makes while a step is traced (submodules imported on use)."""
+  modules = load_baseline_fettle(_BASELINE.value)
+  ours = _swap_fettle_entries(modules)
   original = alignment_lib.get_alignment
-  alignment_lib.get_alignment = lambda name: module if name == "fettle" else original(name)
+  alignment_lib.get_alignment = (
+      lambda name: modules[FETTLE_PACKAGE] if name == "fettle" else original(name))
   try:
     yield
   finally:
     alignment_lib.get_alignment = original
+    _swap_fettle_entries(ours)
+
+
+def variant_context(variant: str):
+  """Where `variant`'s step is built and traced: --baseline's FETTLE for its row."""
+  return baseline_fettle() if variant == "fettle@baseline" else contextlib.nullcontext()
 
 
 def build_step(data, backbone_name, variant):
@@ -213,7 +255,7 @@ def build_step(data, backbone_name, variant):
   alignment_name, _, prototypes = variant.partition("@")
   config.alignment = alignment_name
   if prototypes == "baseline":
-    with fettle_module(load_baseline_fettle(_BASELINE.value)):
+    with baseline_fettle():
       return build_step(data, backbone_name, alignment_name)
   if prototypes == "reference":
     config.fettle.implementation = "reference"
@@ -375,7 +417,8 @@ def main(argv):
       print(f"mesh {layout.data_size}x{layout.model_size}: bytes on the first device, "
             "measured from the shards vs predicted by scripts/scaling_table.py", flush=True)
       for name, entry in entries.items():
-        rows = memory_rows(data, entry, _STEPS.value)
+        with variant_context(name):
+          rows = memory_rows(data, entry, _STEPS.value)
         report.setdefault("memory", {}).setdefault(backbone_name, {})[name] = rows
         for r in rows:
           measured = r["measured_bytes"]
@@ -392,7 +435,8 @@ def main(argv):
                                 config.fettle.sinkhorn_iterations)
     times = {a: [] for a in list(entries) + list(skeleton)}
     for name, entry in entries.items():
-      run_steps(entry, _STEPS.value, 0)  # compile (same static shapes as the timed calls)
+      with variant_context(name):  # compile (same static shapes as the timed calls)
+        run_steps(entry, _STEPS.value, 0)
     for r in range(_ROUNDS.value):
       for name, entry in entries.items():
         times[name].append(run_steps(entry, _STEPS.value, 1 + r * _STEPS.value))
