@@ -227,10 +227,10 @@ def load_baseline_fettle(checkout: str) -> dict:
 
 
 @contextlib.contextmanager
-def baseline_fettle():
-  """Inside the block FETTLE is --baseline's, for train.py's alignment lookup and for the
+def baseline_fettle(checkout: str):
+  """Inside the block FETTLE is `checkout`'s, for train.py's alignment lookup and for the
   imports its code makes while a step is traced (submodules imported on use)."""
-  modules = load_baseline_fettle(_BASELINE.value)
+  modules = load_baseline_fettle(checkout)
   ours = _swap_fettle_entries(modules)
   original = alignment_lib.get_alignment
   alignment_lib.get_alignment = (
@@ -244,7 +244,9 @@ def baseline_fettle():
 
 def variant_context(variant: str):
   """Where `variant`'s step is built and traced: --baseline's FETTLE for its row."""
-  return baseline_fettle() if variant == "fettle@baseline" else contextlib.nullcontext()
+  if variant == "fettle@baseline":
+    return baseline_fettle(_BASELINE.value)
+  return contextlib.nullcontext()
 
 
 def build_step(data, backbone_name, variant):
@@ -255,7 +257,7 @@ def build_step(data, backbone_name, variant):
   alignment_name, _, prototypes = variant.partition("@")
   config.alignment = alignment_name
   if prototypes == "baseline":
-    with baseline_fettle():
+    with baseline_fettle(_BASELINE.value):
       return build_step(data, backbone_name, alignment_name)
   if prototypes == "reference":
     config.fettle.implementation = "reference"
