@@ -10,6 +10,10 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 
+class OtherRunError(ConfigError):
+  """The workdir holds a run of another config: resuming it would mix the two runs."""
+
+
 class WorkdirWriteError(OSError):
   """A file of the run could not be written (full disk, quota, size limit)."""
 

@@ -245,6 +245,13 @@ def _train_grid(config, settings, workdir, chunk):
   eval_sets = train.build_eval_sets(data, run.config, layout)
   facts = train.data_facts(data)
   del data
+  if progress.is_primary():
+    # The swept keys and the seed are each setting's own, named in its folder.
+    resumable = os.path.isdir(os.path.dirname(workdir_lib.chunk_dir(workdir, ""))) or any(
+        workdir_lib.finished(_setting_dir(workdir, s)) for s in settings)
+    workdir_lib.check_same_run(
+        workdir, workdir_lib.run_identity(run.config, facts, exclude=sorted(settings[0])),
+        resumable)
   size = chunk or len(settings)
   # Chunks are cut from every setting (not only the unfinished ones), so an interrupted
   # chunk finds its own checkpoint again when the grid is rerun.

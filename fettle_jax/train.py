@@ -699,6 +699,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   del data  # the host copies of the features: the device holds the one we train on
   cohort = SingleRun(run, workdir, eval_sets, facts)
   try:
+    if is_primary():
+      workdir_lib.check_same_run(
+          workdir, workdir_lib.run_identity(config, facts),
+          cohort.checkpoints.latest_epoch() is not None or workdir_lib.finished(workdir))
     loops, epoch = [initial_loop_state()], 0
     restored = cohort.restore()
     if restored is not None:

@@ -3,6 +3,8 @@
 A run folder (`--workdir`) holds
   .lock                      an exclusive flock while a process trains in it (`WorkdirLock`)
   history.jsonl              one line per epoch, appended as it happens (`History`)
+  run.json                   what defines the run (`run_identity`): a rerun resumes only
+                             the run it describes (`check_same_run`)
   metrics.json               written when training ends: the best validation epoch's
                              metrics, the config as run and where the data was (`write_result`)
   learning_curves.{csv,png}  the losses and the validation metric per epoch (fettle_jax/curves.py)
@@ -36,7 +38,8 @@ import numpy as np
 
 from data_pipeline import dataset as dataset_lib
 from fettle_jax import curves
-from fettle_jax.errors import ConfigError, DataError, WorkdirInUseError, WorkdirWriteError
+from fettle_jax.errors import (ConfigError, DataError, OtherRunError, WorkdirInUseError,
+                               WorkdirWriteError)
 from fettle_jax.types import Representations
 
 
@@ -81,6 +84,80 @@ def chunk_dir(grid_dir: str, chunk_id: str) -> str:
 def finished(run_dir: str) -> bool:
   """Whether training in this folder has ended (metrics.json is written last)."""
   return os.path.exists(metrics_path(run_dir))
+
+
+def run_file(run_dir: str) -> str:
+  return os.path.join(run_dir, "run.json")
+
+
+# ------------------------------------------------------------------ the run a folder holds
+# What a resumed run may change: its schedule, logging, placement and speed-only shape
+# hints. The data section is compared through the data's facts (a moved folder is the same
+# data); every other field defines what is trained.
+RESCHEDULABLE = frozenset({"max_epochs", "patience", "eval_every", "checkpoint_every_epochs",
+                           "eval_batch_size", "tensorboard", "mesh", "fettle_shapes", "data"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def run_identity(config, facts: dict, exclude=()) -> dict:
+  """What defines a run, flat ('fettle.beta': value, 'data:n_items': value): the config's
+  fields but the reschedulable ones, of its sections only its backbone's and alignment's,
+  and the data's facts but their path; `exclude`: keys a grid sets per setting."""
+  config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  read = {config.get("model"), config.get("alignment")}
+  kept = {k: v for k, v in config.items()
+          if k not in RESCHEDULABLE and (not isinstance(v, dict) or k in read)}
+  identity = _flatten(kept)
+  identity.update({f"data:{k}": v for k, v in facts.items() if k != "path"})
+  for key in exclude:
+    identity.pop(key, None)
+  return json.loads(json.dumps(identity, sort_keys=True, default=str))  # tuples -> lists
+
+
+def check_same_run(run_dir: str, identity: dict, resumable: bool) -> None:
+  """Records `identity` in <run_dir>/run.json, or stops with OtherRunError when the folder
+  holds something to resume (`resumable`) of a run that differs in a field both know: a
+  rerun would otherwise continue another config's checkpoint (or keep its metrics) as if
+  it were this one. Folders from before run.json are compared through metrics.json."""
+  held = None
+  if resumable and os.path.exists(run_file(run_dir)):
+    try:
+      with open(run_file(run_dir)) as f:
+        held = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      held = None  # cut short by a kill: rewritten below
+  elif resumable and finished(run_dir):
+    try:
+      with open(metrics_path(run_dir)) as f:
+        metrics = json.load(f)
+      held = run_identity(metrics["config"], metrics.get("data") or {})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+      held = None
+  if held is not None:
+    differ = sorted(k for k in held.keys() & identity.keys() if held[k] != identity[k])
+    if differ:
+      shown = "; ".join(f"{k} {held[k]!r} there, {identity[k]!r} here" for k in differ[:4])
+      more = f"; {len(differ) - 4} more" if len(differ) > 4 else ""
+      raise OtherRunError(f"{run_dir}: holds a run of another config ({shown}{more}); pass "
+                          "another --workdir, or rerun with that run's config to resume it")
+    if os.path.exists(run_file(run_dir)):
+      return
+  try:
+    temporary = run_file(run_dir) + ".tmp"
+    with open(temporary, "w") as f:
+      json.dump(identity, f, indent=1, sort_keys=True)
+    os.replace(temporary, run_file(run_dir))
+  except OSError as e:
+    raise WorkdirWriteError(f"{run_file(run_dir)}: cannot write ({e.strerror})") from e
 
 
 # ------------------------------------------------------------------------------ writing

@@ -11,7 +11,7 @@ import pytest
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import train
 from fettle_jax import workdir as workdir_lib
-from fettle_jax.errors import WorkdirInUseError
+from fettle_jax.errors import OtherRunError, WorkdirInUseError
 from tests.conftest import ROOT, load_script, subprocess_env, tiny_config
 
 kill_loop = load_script("kill_loop")
@@ -95,6 +95,31 @@ def test_a_second_process_on_the_same_workdir_is_refused(tiny_mmrec, tmp_path):
   assert train.train_and_evaluate(fettle_config(tiny_mmrec, 1), workdir)["epochs"] == 1
 
 
+def test_a_workdir_resumes_only_the_run_it_holds(tiny_mmrec, tmp_path):
+  """Rerunning a workdir with another config would continue that run's checkpoint (or keep
+  its metrics) as if it were this one: it stops with one error instead. The schedule may
+  change (a longer run resumes), and a folder from before run.json is read through its
+  metrics.json."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
+  other = fettle_config(tiny_mmrec, 3)
+  other.seed, other.learning_rate = 1, 0.5
+  with pytest.raises(OtherRunError, match=r"learning_rate 0.001 there, 0.5 here; seed 0 "
+                                          r"there, 1 here\); pass another --workdir"):
+    train.train_and_evaluate(other, workdir)
+  assert train.train_and_evaluate(fettle_config(tiny_mmrec, 3), workdir)["epochs"] == 3
+  os.remove(workdir_lib.run_file(workdir))  # as written before run.json existed
+  with pytest.raises(OtherRunError, match="alignment 'none' there, 'bm3' here"):
+    train.train_and_evaluate(fettle_config(tiny_mmrec, 3, alignment="bm3"), workdir)
+  # Nothing to resume yet (killed before its first checkpoint): a new config starts afresh.
+  fresh = str(tmp_path / "fresh")
+  os.makedirs(fresh)
+  workdir_lib.check_same_run(fresh, {"seed": 0}, resumable=False)
+  workdir_lib.check_same_run(fresh, {"seed": 1}, resumable=False)
+  with pytest.raises(OtherRunError):
+    workdir_lib.check_same_run(fresh, {"seed": 0}, resumable=True)
+
+
 def test_nan_loss_stops_the_run_with_its_best_epoch_and_a_usable_checkpoint(tiny_mmrec,
                                                                           tmp_path, caplog):
   """The NaN policy (train.train_loop): a non-finite epoch loss stops the run there; the
@@ -106,6 +131,10 @@ def test_nan_loss_stops_the_run_with_its_best_epoch_and_a_usable_checkpoint(tiny
   before = train.train_and_evaluate(fettle_config(tiny_mmrec, 2), workdir)
   diverging = fettle_config(tiny_mmrec, 6)
   diverging.learning_rate = 1e30
+  # A deliberate mix: the 2 sane epochs' checkpoint continued at another learning rate,
+  # past the check that a workdir resumes only its own run.
+  os.remove(workdir_lib.run_file(workdir))
+  os.remove(workdir_lib.metrics_path(workdir))
   caplog.set_level(logging.WARNING, logger="absl")
   result = train.train_and_evaluate(diverging, workdir)
   stopped = int(result["stop"].split()[-1])

@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_config
 from fettle_jax import grid
 from fettle_jax import train
-from fettle_jax.errors import ConfigError
+from fettle_jax.errors import ConfigError, OtherRunError
 
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -148,6 +148,14 @@ def test_interrupted_grid_resumes_to_identical_metrics(tiny_mmrec, tmp_path, mon
   # A finished grid is reused, not retrained.
   again = grid.train_grid(config, settings, str(tmp_path / "resumed"))
   assert [r["history"] for r in again] == [r["history"] for r in resumed]
+  # Another base config is not handed the finished settings (swept values and seeds may
+  # differ: each is its own folder).
+  other = config.copy_and_resolve_references()
+  other.bpr.reg_weight = 0.5
+  with pytest.raises(OtherRunError, match="bpr.reg_weight 1e-05 there, 0.5 here"):
+    grid.train_grid(other, settings, str(tmp_path / "resumed"))
+  more = grid.grid_settings({"learning_rate": (1e-2, 5e-2)}, seeds=(0, 1))
+  assert len(grid.train_grid(config, more, str(tmp_path / "resumed"))) == 4
 
 
 def test_chunk_that_exhausts_memory_is_split(tiny_mmrec, tmp_path, monkeypatch):
