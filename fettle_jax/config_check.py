@@ -316,6 +316,28 @@ def check_names(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.mesh.data and config.mesh.model cannot both be -1")
 
 
+def unread_overrides(config: ml_collections.ConfigDict,
+                     overrides: Sequence[Override]) -> List[str]:
+  """A note per override of a section this run does not read (another backbone's, an
+  alignment other than config.alignment): valid, but without effect, which is worth
+  saying (e.g. FETTLE's fields given while config.alignment is still 'none')."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  backbones = base.backbone_names()
+  notes = []
+  for override in overrides:
+    section = override.field.split(".")[0]
+    if section in backbones and section != config.model:
+      why = f"config.model is {config.model!r}"
+    elif section in ALIGNMENTS and section != config.alignment:
+      why = f"config.alignment is {config.alignment!r}"
+    elif section == "fettle_shapes" and config.alignment != "fettle":
+      why = f"config.alignment is {config.alignment!r}"
+    else:
+      continue
+    notes.append(f"note: {printable(override.argument)} has no effect: {why}")
+  return notes
+
+
 def resolve_data_source(config: ml_collections.ConfigDict, overrides: Sequence[Override]):
   """An explicit --config.data.path wins: it clears the config's `data.prepare`; with a
   non-empty --config.data.prepare as well it is ambiguous, and refused."""

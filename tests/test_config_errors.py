@@ -103,6 +103,21 @@ def test_values_are_read_as_their_fields_types():
   assert load("--config.fettle.use_cla")[0].fettle.use_cla is True
 
 
+def test_overrides_of_sections_the_run_does_not_read_get_a_note():
+  arguments = ["run.py", "--config=bpr_ml100k", "--config.fettle.feedback=cosine",
+               "--config.lightgcn.n_layers=2", "--config.bpr.reg_weight=0.1",
+               "--config.fettle_shapes.common_batch_items=8", "--config.seed=1"]
+  config, _, _ = config_check.config_from_command_line(arguments, "default")
+  overrides = config_check.split_arguments(arguments).overrides
+  assert config_check.unread_overrides(config, overrides) == [
+      "note: --config.fettle.feedback=cosine has no effect: config.alignment is 'none'",
+      "note: --config.lightgcn.n_layers=2 has no effect: config.model is 'bpr'",
+      "note: --config.fettle_shapes.common_batch_items=8 has no effect: config.alignment is 'none'"]
+  config.alignment = "fettle"
+  assert config_check.unread_overrides(config, overrides) == [
+      "note: --config.lightgcn.n_layers=2 has no effect: config.model is 'bpr'"]
+
+
 def test_an_explicit_data_path_wins_over_the_built_in_data_set(tiny_mmrec, tmp_path):
   config, _ = load()  # the default config prepares ml100k
   assert config.data.prepare == "ml100k"

@@ -28,6 +28,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from fettle_jax.errors import ConfigError
 from fettle_jax.errors import REPORTED_ERRORS
@@ -145,7 +146,7 @@ def exit_with_error(message: str) -> None:
   sys.exit(1)
 
 
-_RUN = {}  # parse_command_line's result: "config", "config_name"
+_RUN = {}  # parse_command_line's result: "config", "config_name", "notes"
 
 
 def parse_command_line(argv):
@@ -164,7 +165,8 @@ def parse_command_line(argv):
     exit_with_error(e)
   except REPORTED_ERRORS as e:
     exit_with_error(e)
-  _RUN.update(config=config, config_name=name)
+  _RUN.update(config=config, config_name=name,
+              notes=config_check.unread_overrides(config, command.overrides))
   return rest
 
 
@@ -190,6 +192,8 @@ def main(argv):
   if multi_process and not os.environ.get(SUPERVISED_ENV):
     sys.exit(supervise())
   progress.show_progress_lines()  # our timestamped progress lines, not Orbax's internals
+  for note in _RUN["notes"]:
+    logging.warning(note)
   config = _RUN["config"]
   workdir = _WORKDIR.value or os.path.join("runs", _RUN["config_name"])
   existed = os.path.exists(workdir)
