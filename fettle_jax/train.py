@@ -785,6 +785,9 @@ def run_result(loop: dict, config, data_facts: dict, layout,
 
 def final_line(loop: dict) -> str:
   test = loop["best_test"]
+  if not test:  # max_epochs 0, or a loss that diverged before the first validation
+    return (f"best epoch {loop['best_epoch']} of {loop['epoch']}: no validated epoch, so no "
+            "test metrics")
   return (f"best epoch {loop['best_epoch']} of {loop['epoch']}: "
           + " ".join(f"test {k} {test.get(k, float('nan')):.4f}"
                      for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")))

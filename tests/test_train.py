@@ -140,6 +140,15 @@ def test_epoch_line_format():
       "0.42s", "12.3s", "4m05s", "1h02m03s"]
 
 
+def test_final_line_names_the_best_epoch_and_says_when_none_was_validated():
+  loop = dict(train.initial_loop_state(), epoch=12, best_epoch=9,
+              best_test={"recall@10": 0.1, "recall@20": 0.2, "ndcg@10": 0.05, "ndcg@20": 0.07})
+  assert train.final_line(loop) == ("best epoch 9 of 12: test recall@10 0.1000 test "
+                                    "recall@20 0.2000 test ndcg@10 0.0500 test ndcg@20 0.0700")
+  assert train.final_line(train.initial_loop_state()) == (
+      "best epoch 0 of 0: no validated epoch, so no test metrics")
+
+
 def test_epoch_bar_only_on_a_terminal(caplog):
   from fettle_jax import progress  # pylint: disable=g-import-not-at-top
   caplog.set_level(logging.INFO, logger="absl")  # another test may have quieted absl
