@@ -134,8 +134,9 @@ def test_fig4_share_of_items_above_theta_from_trained_runs(tiny_mmrec, tmp_path)
   fake_run(str(grid / "theta0.5"), 1e-3, 1e-3, 0, 0.5, 0.3, theta=0.5)
   assert figures_tool.main(["figures.py", "fig4", f"--grid={grid}", f"--out={tmp_path}"]) == 0
   with open(tmp_path / "fig4_share.csv") as f:
-    rows = {(r["feedback"], float(r["theta"])): float(r["share_mean"]) for r in csv.DictReader(f)}
-  assert set(t for _, t in rows) == set(figures_tool.FIG4_THETAS) | {0.5}
+    rows = {(r["feedback"], r["modality"], float(r["theta"])): float(r["share_mean"])
+            for r in csv.DictReader(f)}
+  assert set(t for _, _, t in rows) == set(figures_tool.FIG4_THETAS) | {0.5}
   run = workdir_lib.load_run(str(grid / "one_way"))
   reps = workdir_lib.represent(run)
   projectors = run.params["alignment"]["projectors"]
@@ -143,17 +144,24 @@ def test_fig4_share_of_items_above_theta_from_trained_runs(tiny_mmrec, tmp_path)
       projectors, reps, run.experiment.static.features,
       modalities.modality_names(list(projectors)), False))
   users = np.asarray(reps.users)
+  names = modalities.modality_names(list(projectors))
   for kind in ("dot", "cosine"):
-    scores = []
+    scores = []  # [items with a train user, modalities]
     for item in np.unique(run.data.train[:, 1]):
       its_users = users[run.data.train[run.data.train[:, 1] == item, 0]]
+      row = []
       for m in range(items.shape[1]):
         x = its_users @ items[item, m]
         if kind == "cosine":
           x = x / np.linalg.norm(its_users, axis=1) / np.linalg.norm(items[item, m])
-        scores.append(x.mean())
+        row.append(x.mean())
+      scores.append(row)
+    scores = np.array(scores)
     for theta in (0.0, 0.5, 0.9):
-      assert rows[(kind, theta)] == pytest.approx(np.mean(np.array(scores) > theta), abs=0.02)
+      assert rows[(kind, "all", theta)] == pytest.approx(np.mean(scores > theta), abs=0.02)
+      for m, name in enumerate(names):
+        assert rows[(kind, name, theta)] == pytest.approx(np.mean(scores[:, m] > theta),
+                                                          abs=0.02)
 
 
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):

@@ -28,7 +28,8 @@ fig4 (Sec 4.4): one-way vs bidirectional alignment over theta, from a folder of 
   -1,0,0.25,...; negative = one-way, the reference line): test Recall@10 and @20, mean ±
   std over seeds. Writes fig4.csv and fig4.png; and, from the one-way runs' best
   parameters, the share of (item, modality) pairs whose Eq. 2 score (dot and cosine)
-  exceeds each theta: fig4_share.csv and fig4_share.png.
+  exceeds each theta, of all pairs and per modality: fig4_share.csv (the plot: all pairs)
+  and fig4_share.png.
 fig8 (Sec 4.6): sensitivity heatmaps over two swept fields of a grid folder (run.py
   --sweep ...; any folder of runs whose metrics.json differ in those fields): validation
   and test Recall@20, mean over seeds. Writes fig8_<x>_<y>.csv and .png.
@@ -212,9 +213,10 @@ def grid_results() -> list:
 
 
 def feedback_above(workdir: str, thetas) -> dict:
-  """{kind: [share of (item, modality) pairs with s_i^m > theta for each theta]}: Eq. 2 over
-  every item's train users (items with one), from the run's best parameters, by both
-  choices of config.fettle.feedback; the share a bidirectional threshold theta reaches."""
+  """{kind: {modality: [share with s_i^m > theta for each theta]}}: Eq. 2 over every item's
+  train users (items with one), from the run's best parameters, by both choices of
+  config.fettle.feedback; the share a bidirectional threshold theta reaches, of all (item,
+  modality) pairs ('all') and per modality m."""
   from fettle_jax.alignment import modalities  # pylint: disable=g-import-not-at-top  # JAX
   run = workdir_lib.load_run(workdir)
   reps = workdir_lib.represent(run)
@@ -228,7 +230,9 @@ def feedback_above(workdir: str, thetas) -> dict:
   for kind in ("dot", "cosine"):
     scores = figures.feedback_scores(np.asarray(reps.users), items, run.data.train,
                                      kind)[has_users]
-    shares[kind] = [float(np.mean(scores > theta)) for theta in thetas]
+    shares[kind] = {"all": [float(np.mean(scores > theta)) for theta in thetas]}
+    shares[kind].update({name: [float(np.mean(scores[:, m] > theta)) for theta in thetas]
+                         for m, name in enumerate(names)})
   return shares
 
 
@@ -271,13 +275,15 @@ def fig4(out: str) -> dict:
   shares = [feedback_above(folder, thetas) for folder in folders]
   share_series = {}
   with open(os.path.join(out, "fig4_share.csv"), "w") as f:
-    f.write("feedback,theta,share_mean,share_std,runs\n")
+    f.write("feedback,modality,theta,share_mean,share_std,runs\n")
     for kind in ("dot", "cosine"):
-      values = np.array([s[kind] for s in shares])  # [runs, thetas]
-      mean, std = values.mean(axis=0), values.std(axis=0)
-      f.writelines(f"{kind},{t:g},{m:.6f},{d:.6f},{len(shares)}\n"
-                   for t, m, d in zip(thetas, mean, std))
-      share_series[f"s_i^m by {kind} (Eq. 2)"] = (thetas, mean, std)
+      for modality in shares[0][kind]:
+        values = np.array([s[kind][modality] for s in shares])  # [runs, thetas]
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        f.writelines(f"{kind},{modality},{t:g},{m:.6f},{d:.6f},{len(shares)}\n"
+                     for t, m, d in zip(thetas, mean, std))
+        if modality == "all":
+          share_series[f"s_i^m by {kind} (Eq. 2)"] = (thetas, mean, std)
   figures.line_chart(os.path.join(out, "fig4_share.png"), "theta", share_series,
                      "share of (item, modality) pairs with s_i^m > theta",
                      f"{config['model']} + FETTLE (one-way runs, trained with "
