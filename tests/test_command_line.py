@@ -55,3 +55,18 @@ def test_every_console_script_prints_its_help(capsys):
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, (command, err[-2000:])
     check_help(command, importlib.import_module(scripts[command][0]), out)
+
+
+def test_a_reported_error_in_an_app_run_tool_is_one_line(tmp_path):
+  """run_app: a problem with the input (here a data folder that does not exist, met when
+  fettle-experiments starts its first run) is one `error:` line and exit status 1."""
+  code = ("import sys; sys.argv = ['fettle-experiments', '--out=" + str(tmp_path) + "', "
+          "'--backbones=bpr', '--variants=vanilla', '--notune', '--seeds=0', "
+          "'--data=" + str(tmp_path / "missing") + "']; "
+          "from fettle_jax.tools.experiments import cli; cli()")
+  child = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+                         text=True, capture_output=True, timeout=300)
+  assert child.returncode == 1, child.stderr[-2000:]
+  lines = [line for line in child.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "missing" in lines[0], child.stderr[-2000:]
+  assert "Traceback" not in child.stderr

@@ -73,7 +73,7 @@ def fake_run(folder, alpha, beta, seed, valid, test, theta=-1.0):
     json.dump({"config": {"model": "bpr", "alignment": "fettle", "seed": seed,
                           "fettle": {"alpha": alpha, "beta": beta,
                                      "bidirectional_threshold": theta}},
-               "valid": {"recall@20": valid},
+               "data": {"name": "fake"}, "valid": {"recall@20": valid},
                "test": {"recall@20": test, "recall@10": test / 2}}, f)
 
 
@@ -166,7 +166,10 @@ def test_fig4_share_of_items_above_theta_from_trained_runs(tiny_mmrec, tmp_path)
 
 def test_figures_command_line_errors_are_one_line(tmp_path, capsys):
   fake_run(str(tmp_path / "one_way" / "run"), 1e-3, 1e-3, 0, 0.5, 0.3)
-  for argv, message in [(["figures.py"], "usage: figures.py fig1|fig4|fig5|fig6|fig8"),
+  os.makedirs(tmp_path / "torn" / "run")
+  (tmp_path / "torn" / "run" / "metrics.json").write_text("{cut short")
+  for argv, message in [(["figures.py", "fig4", f"--grid={tmp_path / 'torn'}"],
+                         "metrics.json: unreadable (JSONDecodeError"),(["figures.py"], "usage: figures.py fig1|fig4|fig5|fig6|fig8"),
                         (["figures.py", "fig4", f"--grid={tmp_path / 'one_way'}"], "found 1 and 0"),
                         (["figures.py", "fig8"], "fig8 needs --grid"),
                         (["figures.py", "fig8", f"--grid={tmp_path}"], "no */metrics.json"),

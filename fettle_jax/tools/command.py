@@ -6,6 +6,8 @@ import types
 from absl import app
 from absl import flags
 
+from fettle_jax.errors import REPORTED_ERRORS
+
 HELP_ARGS = ("-h", "--help", "-help")
 
 
@@ -17,8 +19,15 @@ def tool_help(module: types.ModuleType, flag_values=flags.FLAGS) -> str:
 
 def run_app(main, module_name: str) -> None:
   """app.run(main) for the tool in module `module_name` (pass `__name__`): --help prints
-  its docstring and flags, exit status 0."""
+  its docstring and flags, exit status 0; a problem with the input or the environment
+  (errors.REPORTED_ERRORS) is one `error:` line, exit status 1."""
   module = sys.modules[module_name]
+
+  def reported(argv):
+    try:
+      return main(argv)
+    except REPORTED_ERRORS as e:
+      sys.exit("error: " + " ".join(str(e).split("\n")))
 
   def parse(argv):
     if any(arg in HELP_ARGS for arg in argv[1:]):
@@ -26,4 +35,4 @@ def run_app(main, module_name: str) -> None:
       sys.exit(0)
     return app.parse_flags_with_usage(argv)
 
-  app.run(main, flags_parser=parse)
+  app.run(reported, flags_parser=parse)

@@ -37,7 +37,6 @@ the script once more, or with --only_table, to collect them).
 
 import importlib
 import importlib.util
-import json
 import os
 import statistics
 import time
@@ -48,6 +47,7 @@ from absl import logging
 
 from configs import base
 from fettle_jax import train
+from fettle_jax import workdir as workdir_lib
 from fettle_jax.tools import command
 
 _OUT = flags.DEFINE_string("out", "runs/ml100k_table",
@@ -221,8 +221,7 @@ def run(workdir, backbone, alignment, fettle_overrides, seed, max_epochs, wait=F
       config.fettle.feedback = _FEEDBACK.value
     print(f"=== {os.path.basename(workdir)}", flush=True)
     train.train_and_evaluate(config, workdir)
-  with open(metrics_file) as f:
-    return json.load(f)
+  return workdir_lib.read_metrics(workdir)
 
 
 def tune(backbone, lines):

@@ -36,7 +36,6 @@ fig8 (Sec 4.6): sensitivity heatmaps over two swept fields of a grid folder (run
 """
 
 import glob
-import json
 import os
 import sys
 
@@ -200,11 +199,9 @@ def grid_runs() -> list:
   files = sorted(glob.glob(os.path.join(_GRID.value, "*", "metrics.json")))
   if not files:
     raise ConfigError(f"--grid={_GRID.value}: no */metrics.json there")
-  runs = []
-  for file in files:
-    with open(file) as f:
-      runs.append((os.path.dirname(file), json.load(f)))
-  return runs
+  # An unreadable metrics.json, or one without its config, is a one-line RunFolderError.
+  return [(os.path.dirname(file), workdir_lib.read_metrics(os.path.dirname(file)))
+          for file in files]
 
 
 def grid_results() -> list:
