@@ -247,7 +247,7 @@ def _train_grid(config, settings, workdir, chunk):
   del data
   if progress.is_primary():
     # The swept keys and the seed are each setting's own, named in its folder.
-    resumable = os.path.isdir(os.path.dirname(workdir_lib.chunk_dir(workdir, ""))) or any(
+    resumable = os.path.isdir(workdir_lib.chunks_dir(workdir)) or any(
         workdir_lib.finished(_setting_dir(workdir, s)) for s in settings)
     workdir_lib.check_same_run(
         workdir, workdir_lib.run_identity(run.config, facts, exclude=sorted(settings[0])),

@@ -76,9 +76,14 @@ def setting_dir(grid_dir: str, name: str) -> str:
   return os.path.join(grid_dir, name)
 
 
+def chunks_dir(grid_dir: str) -> str:
+  """Where a grid keeps its chunks' resumable states (one folder per chunk)."""
+  return os.path.join(grid_dir, "chunks")
+
+
 def chunk_dir(grid_dir: str, chunk_id: str) -> str:
   """A grid chunk's resumable state (its settings list and `checkpoints/latest`)."""
-  return os.path.join(grid_dir, "chunks", chunk_id)
+  return os.path.join(chunks_dir(grid_dir), chunk_id)
 
 
 def finished(run_dir: str) -> bool:
