@@ -34,5 +34,14 @@ class DistributedError(RuntimeError):
   """A multi-process run could not start (coordinator unreachable, a process missing)."""
 
 
+class StopRequested(Exception):
+  """The run was asked to stop from outside (fettle-train's SIGTERM / SIGINT handler) and
+  stopped after an epoch, with a checkpoint of it to resume from."""
+
+  def __init__(self, message: str, signal_name: str):
+    super().__init__(message)
+    self.signal_name = signal_name
+
+
 REPORTED_ERRORS = (DataError, ConfigError, FloatingPointError, WorkdirWriteError,
                    NoReadableCheckpointError, WorkdirInUseError, DistributedError)

@@ -42,7 +42,7 @@ from fettle_jax import workdir as workdir_lib
 from fettle_jax import backbones as backbone_contract
 from fettle_jax.backbones import get_backbone
 from fettle_jax.types import Batch, DataInfo
-from fettle_jax.errors import ConfigError
+from fettle_jax.errors import ConfigError, StopRequested
 
 
 class TrainState(NamedTuple):
@@ -454,6 +454,19 @@ def stop_reason(loop: dict, config) -> Optional[str]:
   return None
 
 
+# A stop asked for from outside the loop (fettle-train's SIGTERM / SIGINT handler sets it):
+# the loop ends after the epoch in progress, once that epoch is checkpointed.
+_STOP_REQUEST = {"signal": None}
+
+
+def request_stop(signal_name: str) -> None:
+  _STOP_REQUEST["signal"] = signal_name
+
+
+def stop_requested() -> Optional[str]:
+  return _STOP_REQUEST["signal"]
+
+
 def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
                done: List[bool]) -> int:
   """Trains the cohort's settings from `epoch` until each stops; returns the last epoch.
@@ -470,6 +483,10 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
   does not checkpoint it; a grid freezes that setting's slice), and the setting's result
   is its best validation epoch before it, as for any early stop. Other settings of a grid
   train on; a single run ends normally, with its metrics.json.
+
+  A stop asked for with `request_stop` ends the loop after the epoch in progress: that
+  epoch's state is checkpointed (unless every setting stopped there anyway) and
+  StopRequested is raised; rerunning resumes from it.
   """
   n = len(loops)
   first_epoch, start_time = epoch + 1, time.perf_counter()
@@ -516,10 +533,15 @@ def train_loop(cohort: Cohort, config, loops: List[dict], epoch: int,
           max(0, config.max_epochs - epoch) * rate), epoch, f"patience {patience}")
       stopping = [i for i in np.flatnonzero(active) if stop_reason(loops[i], config)]
       every_one_stops = len(stopping) == int(active.sum())
-      if ((epoch % config.checkpoint_every_epochs == 0 or every_one_stops)
-          and np.any(active & finite)):
+      saves = np.any(active & finite) and (epoch % config.checkpoint_every_epochs == 0
+                                           or every_one_stops or stop_requested())
+      if saves:
         cohort.save_latest(epoch, loops)
       finish_stopped(stopping)
+      if stop_requested() and not all(done):
+        resume = f"resumes from epoch {epoch}" if saves else "resumes from its last checkpoint"
+        raise StopRequested(f"{stop_requested()}: stopped after epoch {epoch}; rerunning the "
+                            f"same command {resume}", stop_requested())
   finally:
     if bar is not None:
       bar.close()

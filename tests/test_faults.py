@@ -168,6 +168,35 @@ def test_kill_loop_resumes_to_identical_metrics(tiny_mmrec, tmp_path):
   assert result["killed"]["epochs"] == 5
 
 
+def test_sigterm_stops_after_the_epoch_with_a_checkpoint_to_resume_from(tiny_mmrec, tmp_path):
+  """A scheduler's SIGTERM (or Ctrl-C) mid-run: the run checkpoints the epoch in progress
+  (checkpoint_every_epochs would not have), says so, exits 143, and a rerun resumes there."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  args = [sys.executable, os.path.join(ROOT, "run.py"), "--config=bpr_ml100k",
+          f"--config.data.path={tiny_mmrec}", "--config.batch_size=64",
+          "--config.eval_batch_size=16", "--config.embedding_size=8", "--config.topk=5,10,20",
+          "--config.patience=100000", "--config.checkpoint_every_epochs=100000",
+          f"--workdir={workdir}", "--compilation_cache=none"]
+  child = subprocess.Popen(args + ["--config.max_epochs=100000"], cwd=ROOT,
+                           env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  for line in child.stderr:
+    if re.search(r"epoch +3/100000 \|", line):
+      break
+  child.send_signal(signal.SIGTERM)
+  err = child.stderr.read()
+  assert child.wait(timeout=120) == 128 + signal.SIGTERM, err[-2000:]
+  stopped = int(re.search(r"SIGTERM: stopped after epoch (\d+); rerunning the same command "
+                          r"resumes from epoch \1", err).group(1))
+  assert stopped >= 3
+  assert os.listdir(os.path.join(workdir, "checkpoints", "latest")) == [str(stopped)]
+  again = subprocess.run(args + [f"--config.max_epochs={stopped + 1}"], cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert f"resumed from {workdir} at epoch {stopped}" in again.stderr
+
+
 def test_a_save_cut_short_leaves_no_step_behind(tmp_path):
   """A kill mid-save leaves Orbax's temporary folder, never a half step: it is ignored and
   removed at the next start."""
