@@ -261,6 +261,7 @@ def write(name, lines):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  command.install_stop_handlers()  # a run stops after an epoch, resumable
   given = check_flags()
   tuning_lines = [f"Coordinate search over {', '.join(_TUNE_COORDINATES.value)}, seed 0, "
                   f"validation Recall@20, runs capped at {_TUNE_MAX_EPOCHS.value} epochs.", "",

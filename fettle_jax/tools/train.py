@@ -124,20 +124,6 @@ def supervise() -> int:
   return code if code >= 0 else 128 - code
 
 
-def stop_after_the_epoch(number, _frame) -> None:
-  """SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C): the run stops after the epoch in
-  progress, with a checkpoint of it to resume from; the same signal again stops at once."""
-  if train.stop_requested():
-    signal.signal(number, signal.SIG_DFL)
-    os.kill(os.getpid(), number)
-    return
-  name = signal.Signals(number).name
-  train.request_stop(name)
-  # os.write, not logging: a handler may run while the main thread holds logging's lock.
-  os.write(2, f"{name}: stopping after the epoch in progress, with a checkpoint to resume "
-              f"from ({name} again stops at once)\n".encode())
-
-
 def run_grid(config, workdir: str) -> None:
   """--sweep/--grid_seeds: trains the grid and prints (and writes) its summary table."""
   sweeps = dict(grid.parse_sweep(text) for text in _SWEEP.value)
@@ -221,8 +207,7 @@ def main(argv):
                                     _PROCESS_ID.value, _DISTRIBUTED_TIMEOUT.value)
     train.check_config(config)  # the checks that need the devices, before the run folder
     if jax.process_count() == 1:  # processes of a multi-process run could stop out of step
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop_after_the_epoch)
+      command_lib.install_stop_handlers()
     if _SWEEP.value or _GRID_SEEDS.value:
       run_grid(config, workdir)
     else:
@@ -231,8 +216,7 @@ def main(argv):
     remove_if_unused(workdir, existed)
     exit_with_error(e)
   except StopRequested as e:
-    logging.warning(str(e))
-    sys.exit(128 + signal.Signals[e.signal_name].value)  # as if the signal had ended it
+    command_lib.exit_stopped(e)
 
 
 def cli() -> None:
