@@ -27,7 +27,6 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -40,6 +39,7 @@ from fettle_jax import figures
 from fettle_jax import train
 from fettle_jax import workdir as workdir_lib
 from fettle_jax.alignment import modalities
+from fettle_jax.tools import command
 
 _OUT = flags.DEFINE_string("out", "runs/direction_study", "Output folder (runs, tables).")
 _TWIN = flags.DEFINE_string("twin", "/tmp/baby_twin", "Synthetic twin folder (generated if "
@@ -200,6 +200,7 @@ def direction_lines(feedback: str, per_seed: Dict[int, list], finished: List[int
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  command.install_stop_handlers()  # SIGTERM / Ctrl-C: the run in progress stops resumable
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   if not os.path.exists(os.path.join(_TWIN.value, "item_noise.npy")):
@@ -271,4 +272,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run_app(main, __name__)
