@@ -15,7 +15,8 @@ For each seed (folder `s<seed>` under --out) and each Eq. 2 feedback (config.fet
    the noisier modality to the cleaner one. Reported over the items with one clean and one
    noisy modality (where the direction matters; chance 50%) and over all items.
 2. The test table: every --models backbone vanilla and + FETTLE with each feedback, trained
-   to early stopping (BPR+FETTLE is the run of step 1).
+   to early stopping (BPR+FETTLE is the run of step 1), each with its
+   configs/<backbone>_baby.py.
 Writes directions.csv, directions.png and direction_study.md (mean +- std over the seeds
 that finished) under --out. Every run is kept; a rerun reuses finished work, so several
 processes may share --out with different --seeds / --feedbacks, and a last one with
@@ -23,6 +24,7 @@ processes may share --out with different --seeds / --feedbacks, and a last one w
 default to 256 / 512 (the ml100k scaling) to keep a CPU run short.
 """
 
+import importlib
 import json
 import os
 from typing import Dict, List, Optional
@@ -32,7 +34,6 @@ from absl import logging
 import jax
 import numpy as np
 
-from configs import base
 from data_pipeline import synthetic
 from fettle_jax import checkpoint as checkpoint_lib
 from fettle_jax import figures
@@ -58,7 +59,9 @@ KINDS = ("dot", "cosine")
 
 
 def twin_config(model: str, seed: int, alignment: str = "none", feedback: str = "dot"):
-  config = base.get_config(model)
+  """configs/<model>_baby.py (the paper's Baby settings, e.g. VBPR's 128-d representations)
+  pointed at the twin, with the study's codebooks, seed and FETTLE feedback."""
+  config = importlib.import_module(f"configs.{model}_baby").get_config()
   config.data.path = _TWIN.value
   config.alignment = alignment
   config.seed = seed
