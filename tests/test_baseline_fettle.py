@@ -1,4 +1,5 @@
-"""scripts/benchmark_steps.py --baseline: another checkout's FETTLE loaded beside this tree's."""
+"""scripts/baseline_fettle.py (baseline_lib.py --baseline): another checkout's FETTLE
+loaded beside this tree's."""
 
 import importlib
 import os
@@ -12,8 +13,8 @@ from fettle_jax import alignment as alignment_lib
 import fettle_jax.alignment.fettle as our_fettle
 from tests.conftest import ROOT, load_script
 
-benchmark_steps = load_script("benchmark_steps")
-PACKAGE = benchmark_steps.FETTLE_PACKAGE
+baseline_lib = load_script("baseline_fettle")
+PACKAGE = baseline_lib.FETTLE_PACKAGE
 
 
 def _checkout(tmp_path):
@@ -29,7 +30,7 @@ def _checkout(tmp_path):
 def test_baseline_package_loads_beside_ours_and_is_used_only_inside_the_block(tmp_path):
   checkout = _checkout(tmp_path)
   ours_before = {n: m for n, m in sys.modules.items() if n.startswith(PACKAGE)}
-  theirs = benchmark_steps.load_baseline_fettle(checkout)
+  theirs = baseline_lib.load_baseline_fettle(checkout)
   assert set(theirs) >= {PACKAGE, f"{PACKAGE}.fast", f"{PACKAGE}.equations",
                          f"{PACKAGE}.shapes"}
   for name, module in theirs.items():
@@ -39,9 +40,9 @@ def test_baseline_package_loads_beside_ours_and_is_used_only_inside_the_block(tm
   assert theirs[f"{PACKAGE}.shapes"].BASELINE_MARKER == "theirs"
   # Loading left this tree's modules in place.
   assert {n: m for n, m in sys.modules.items() if n.startswith(PACKAGE)} == ours_before
-  assert benchmark_steps.load_baseline_fettle(checkout) is theirs  # loaded once
+  assert baseline_lib.load_baseline_fettle(checkout) is theirs  # loaded once
 
-  with benchmark_steps.baseline_fettle(checkout):
+  with baseline_lib.baseline_fettle(checkout):
     assert alignment_lib.get_alignment("fettle") is theirs[PACKAGE]
     assert alignment_lib.get_alignment("bm3").__name__ == "fettle_jax.alignment.bm3"
     # What their code imports on use while a step is traced resolves to theirs.
@@ -55,14 +56,14 @@ def test_single_file_baseline_and_bad_checkouts(tmp_path):
   single = tmp_path / "old" / "fettle_jax" / "alignment"
   single.mkdir(parents=True)
   (single / "fettle.py").write_text("ONE_FILE = True\n")
-  theirs = benchmark_steps.load_baseline_fettle(str(tmp_path / "old"))
+  theirs = baseline_lib.load_baseline_fettle(str(tmp_path / "old"))
   assert theirs[PACKAGE].ONE_FILE and list(theirs) == [PACKAGE]
 
   with pytest.raises(app.UsageError, match="no .*fettle"):
-    benchmark_steps.load_baseline_fettle(str(tmp_path / "empty"))
+    baseline_lib.load_baseline_fettle(str(tmp_path / "empty"))
   broken = tmp_path / "broken" / "fettle_jax" / "alignment"
   broken.mkdir(parents=True)
   (broken / "fettle.py").write_text("from fettle_jax.blocks import linear\n")
   with pytest.raises(app.UsageError, match="fettle_jax.blocks"):
-    benchmark_steps.load_baseline_fettle(str(tmp_path / "broken"))
+    baseline_lib.load_baseline_fettle(str(tmp_path / "broken"))
   assert sys.modules[PACKAGE] is our_fettle
