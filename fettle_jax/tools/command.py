@@ -31,7 +31,7 @@ def run_app(main, module_name: str) -> None:
     try:
       return main(argv)
     except REPORTED_ERRORS as e:
-      sys.exit("error: " + " ".join(str(e).split("\n")))
+      exit_with_error(e)
     except StopRequested as e:
       exit_stopped(e)
 
@@ -42,6 +42,12 @@ def run_app(main, module_name: str) -> None:
     return app.parse_flags_with_usage(argv)
 
   app.run(reported, flags_parser=parse)
+
+
+def exit_with_error(message) -> None:
+  """One `error:` line on stderr (a message's own line breaks joined) and exit status 1."""
+  print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+  sys.exit(1)
 
 
 def install_stop_handlers() -> None:

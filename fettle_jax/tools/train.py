@@ -142,12 +142,6 @@ def run_grid(config, workdir: str) -> None:
   print("\n".join(lines))
 
 
-def exit_with_error(message: str) -> None:
-  """One `error:` line on stderr (a message's own line breaks joined) and exit status 1."""
-  print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
-  sys.exit(1)
-
-
 _RUN = {}  # parse_command_line's result: "config", "config_name", "notes"
 
 
@@ -164,9 +158,9 @@ def parse_command_line(argv):
     rest = flags.FLAGS(command.rest)  # --help and friends print and exit here
     config, name, _ = config_check.config_from_command_line(argv, DEFAULT_CONFIG)
   except flags.Error as e:
-    exit_with_error(e)
+    command_lib.exit_with_error(e)
   except REPORTED_ERRORS as e:
-    exit_with_error(e)
+    command_lib.exit_with_error(e)
   _RUN.update(config=config, config_name=name,
               notes=config_check.unread_overrides(config, command.overrides))
   return rest
@@ -214,7 +208,7 @@ def main(argv):
       train.train_and_evaluate(config, workdir)
   except REPORTED_ERRORS as e:  # input/environment: one line; bugs keep their traceback
     remove_if_unused(workdir, existed)
-    exit_with_error(e)
+    command_lib.exit_with_error(e)
   except StopRequested as e:
     command_lib.exit_stopped(e)
 
